@@ -1,0 +1,77 @@
+"""Layer hooks that feed fresh statistics into the pending buffer (SPEC §4).
+
+A forward hook computes Ĥ from the layer's input and registers a hook on the layer's *output
+tensor*; that tensor hook receives the gradient of the output, computes Ŝ and commits the pass.
+Unlike module full-backward hooks, a tensor hook keeps working when an in-place op follows the
+layer (``ReLU(inplace=True)``, ``out += identity``): it sees the gradient of the pre-in-place
+value. A pass whose backward never reaches the layer commits nothing.
+
+The hooks reference this collector, never the optimizer, so a model does not keep its
+optimizer alive (and the optimizer removes the hooks when it is collected).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .backends.base import Backend
+from .factors import FactorBuffers, LayerSlot
+from .statistics import batch_size
+
+
+@dataclass(frozen=True)
+class TrackedLayer:
+    slot: LayerSlot
+    buffers: FactorBuffers
+
+
+@contextlib.contextmanager
+def _statistics_context(device: torch.device):
+    """Statistics are fp32 sums outside autograd; autocast would run the conv count matmul in
+    bf16, so it is switched off here."""
+    with torch.autocast(device_type=device.type, enabled=False), torch.no_grad():
+        yield
+
+
+class StatisticsCollector:
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.collecting = True  # set by the optimizer: does the coming step take statistics?
+        self._handles: list[RemovableHandle] = []
+
+    def track(self, module: nn.Module, layer: TrackedLayer) -> None:
+        hook = functools.partial(self._on_forward, layer)
+        self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def _on_forward(self, layer: TrackedLayer, module, args, kwargs, output) -> None:
+        if not (self.collecting and torch.is_grad_enabled()):
+            return
+        if not (isinstance(output, torch.Tensor) and output.requires_grad):
+            return
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, torch.Tensor):
+            return
+        with _statistics_context(x.device):
+            h_hat = self.backend.input_statistic(layer.slot.kind, module, x)
+        batch = batch_size(layer.slot.kind, x)
+        output.register_hook(functools.partial(self._on_grad, layer, module, h_hat, batch))
+
+    def _on_grad(self, layer: TrackedLayer, module, h_hat, batch, grad: torch.Tensor) -> None:
+        with _statistics_context(grad.device):
+            self.backend.commit_pass(layer.buffers, layer.slot, module, h_hat, grad, batch)
+        layer.buffers.has_pending = True

@@ -1,0 +1,91 @@
+"""Fresh statistics Ĥ (from a layer's input) and Ŝ (from its output gradient), SPEC §2.
+
+Plain PyTorch, fp32 accumulation whatever the activation dtype. These are the reference the
+fused kernels are tested against, and the torch backend's implementation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .conv_statistics import batch_sum_of_squares, conv_input_statistic, conv_output_statistic
+from .layers import LayerKind
+
+
+def linear_input_statistic(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    rows = x.reshape(-1, module.in_features)
+    h = batch_sum_of_squares(rows) / rows.shape[0]
+    if module.bias is not None:
+        h = torch.cat([h, h.new_ones(1)])
+    return h
+
+
+def linear_output_statistic(module: nn.Linear, g: torch.Tensor) -> torch.Tensor:
+    rows = g.reshape(-1, module.out_features)
+    return batch_sum_of_squares(rows) / rows.shape[0]
+
+
+def _batch_first(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dim() >= 2 else x.unsqueeze(0)
+
+
+def batchnorm_input_statistic(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    x = _batch_first(x)
+    batch, channels = x.shape[0], x.shape[1]
+    positions = x[0, 0].numel()
+    sums = x.float().transpose(0, 1).reshape(channels, -1).sum(1) / positions**2
+    return torch.stack([sums.square().sum(), sums.new_tensor(float(channels))]) / batch**2
+
+
+def batchnorm_output_statistic(module: nn.Module, g: torch.Tensor, batch: int) -> torch.Tensor:
+    g = _batch_first(g)
+    sums = g.float().transpose(0, 1).reshape(g.shape[1], -1).sum(1)
+    return sums.square() / batch
+
+
+def layernorm_input_statistic(module: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    x = _batch_first(x)
+    batch = x.shape[0]
+    reduced = [d for d in range(x.dim()) if d != 1]
+    divisor = 1
+    for d in reduced[1:]:
+        divisor *= x.shape[d]
+    s = x.float().sum(reduced) / divisor**2
+    return torch.stack([s.square().sum(), s.new_tensor(float(s.numel()))]) / batch**2
+
+
+def layernorm_output_statistic(module: nn.LayerNorm, g: torch.Tensor, batch: int) -> torch.Tensor:
+    n_norm = len(module.normalized_shape)
+    lead = list(range(g.dim() - n_norm))
+    sums = g.float().sum(lead) if lead else g.float()
+    return sums.reshape(-1).square() / batch
+
+
+def batch_size(kind: LayerKind, x: torch.Tensor) -> int:
+    """B of SPEC §2 (first dim; 1 for unbatched inputs)."""
+    if kind is LayerKind.CONV or kind is LayerKind.LINEAR:
+        return x.shape[0] if x.dim() >= 2 else 1
+    return _batch_first(x).shape[0]
+
+
+def input_statistic(kind: LayerKind, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if kind is LayerKind.LINEAR:
+        return linear_input_statistic(module, x)
+    if kind is LayerKind.CONV:
+        return conv_input_statistic(module, x)
+    if kind is LayerKind.BATCHNORM:
+        return batchnorm_input_statistic(module, x)
+    return layernorm_input_statistic(module, x)
+
+
+def output_statistic(
+    kind: LayerKind, module: nn.Module, g: torch.Tensor, batch: int
+) -> torch.Tensor:
+    if kind is LayerKind.LINEAR:
+        return linear_output_statistic(module, g)
+    if kind is LayerKind.CONV:
+        return conv_output_statistic(module, g)
+    if kind is LayerKind.BATCHNORM:
+        return batchnorm_output_statistic(module, g, batch)
+    return layernorm_output_statistic(module, g, batch)

@@ -1,0 +1,1 @@
+"""Triton kernels for AdaFisher; installed as ``adafisher.kernels``."""

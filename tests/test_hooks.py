@@ -1,0 +1,236 @@
+"""Parameters matched to layers by identity, and hooks that survive real training scripts."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+from adafisher import AdaFisher
+
+import definitions as ref
+
+
+def train_step(model, opt, x, y):
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+class Residual(nn.Module):
+    """torchvision-style block: in-place ReLU after the norm, ``out += identity``."""
+
+    def __init__(self, inplace: bool):
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=inplace)
+        self.inplace = inplace
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.inplace:
+            out += x
+        else:
+            out = out + x
+        out = self.relu(out)
+        return self.fc(out.mean((2, 3)))
+
+
+def test_inplace_ops_after_layers_give_the_same_statistics_and_steps():
+    torch.manual_seed(0)
+    plain = Residual(inplace=False)
+    inplace = Residual(inplace=True)
+    inplace.load_state_dict(plain.state_dict())
+    opts = [AdaFisher(m, factor_interval=1, gammas=(0.5, 0.5)) for m in (plain, inplace)]
+    for _ in range(3):
+        x, y = torch.randn(6, 4, 5, 5), torch.randint(0, 3, (6,))
+        for model, opt in zip((plain, inplace), opts):
+            train_step(model, opt, x.clone(), y)
+    for name in opts[0].tracked_layers:
+        for a, b in zip(opts[0].factors(name), opts[1].factors(name)):
+            torch.testing.assert_close(a, b)
+    for p, q in zip(plain.parameters(), inplace.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_statistics_from_hooks_equal_definitions():
+    """The hooks feed the layer's real input and output gradient into the pending buffer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(inplace=True), nn.Linear(7, 3))
+    opt = AdaFisher(model)
+    captured = {}
+
+    def capture(module, args, out):  # before the in-place ReLU changes `out`
+        captured["x"] = args[0]
+        out.register_hook(lambda g: captured.update(g=g))
+
+    model[0].register_forward_hook(capture)
+    x = torch.randn(11, 5)
+    model(x).square().sum().backward()
+    buffers = next(iter(opt._buffers.values()))
+    slot = buffers.slots[0]
+    h = buffers.pending[slot.h_offset : slot.h_offset + slot.h_len]
+    s = buffers.pending[slot.s_offset : slot.s_offset + slot.s_len]
+    torch.testing.assert_close(h.double(), ref.linear_h(x, True))
+    torch.testing.assert_close(s.double(), ref.linear_s(captured["g"]))
+    assert buffers.pending_count[slot.index] == 1
+
+
+def test_frozen_unused_and_outside_parameters():
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.frozen = nn.Linear(4, 4)
+            self.used = nn.Linear(4, 2)
+            self.unused = nn.Linear(4, 2)  # its forward never runs
+            self.scale = nn.Parameter(torch.ones(2))  # in no layer: F = 1
+            self.frozen.requires_grad_(False)
+
+        def forward(self, x):
+            return self.used(self.frozen(x)) * self.scale
+
+    model = Net()
+    opt = AdaFisher(model, factor_interval=1)
+    assert opt.tracked_layers == ["used", "unused"]
+    frozen_before = copy.deepcopy(model.frozen.state_dict())
+    unused_before = copy.deepcopy(model.unused.state_dict())
+    scale_before = model.scale.detach().clone()
+    train_step(model, opt, torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    for k, v in frozen_before.items():
+        assert torch.equal(model.frozen.state_dict()[k], v)
+    for k, v in unused_before.items():
+        assert torch.equal(model.unused.state_dict()[k], v)
+    H, S = opt.factors("unused")
+    assert torch.equal(H, torch.ones_like(H)) and torch.equal(S, torch.ones_like(S))
+    # F = 1 on the first step: p − lr·m/(1−β) = p − lr·g
+    torch.testing.assert_close(model.scale, scale_before - 1e-3 * model.scale.grad)
+
+
+def test_shared_parameters_and_shared_layers():
+    torch.manual_seed(0)
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 6)
+            self.block = nn.Linear(6, 6)
+            self.decoder = nn.Linear(6, 10, bias=False)
+            self.decoder.weight = self.embed.weight  # tied: Embedding is no tracked layer
+
+        def forward(self, tokens):
+            h = self.block(torch.relu(self.block(self.embed(tokens))))  # block used twice
+            return self.decoder(h)
+
+    model = Tied()
+    opt = AdaFisher(model, factor_interval=1)
+    assert opt.tracked_layers == ["block", "decoder"]
+    assert opt._factor_index[id(model.embed.weight)][0].rows == 10
+    tokens = torch.randint(0, 10, (4, 5))
+    opt.zero_grad()
+    logits = model(tokens)
+    nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten()).backward()
+    buffers = next(iter(opt._buffers.values()))
+    assert buffers.pending_count.tolist() == [2.0, 1.0]  # two passes through `block`
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_multihead_attention_out_proj_is_tracked_in_proj_is_not():
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    opt = AdaFisher(mha)
+    assert opt.tracked_layers == ["out_proj"]
+    assert id(mha.in_proj_weight) not in opt._factor_index
+
+
+def test_no_statistics_without_grad_or_between_intervals():
+    model = nn.Linear(3, 2)
+    opt = AdaFisher(model, factor_interval=2)
+    buffers = next(iter(opt._buffers.values()))
+    with torch.no_grad():
+        model(torch.randn(4, 3))
+    model(torch.randn(4, 3)).sum()  # forward with grad, but no backward: commits nothing
+    assert not buffers.has_pending and buffers.pending_count.sum() == 0
+    model(torch.randn(4, 3)).sum().backward()
+    assert buffers.pending_count.sum() == 1
+    opt.step()  # step 0 blends
+    opt.zero_grad()
+    model(torch.randn(4, 3)).sum().backward()  # before step 1: 1 % 2 != 0, no statistics
+    assert buffers.pending_count.sum() == 0
+
+
+def test_add_param_group_tracks_a_newly_unfrozen_layer():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    model[2].requires_grad_(False)
+    opt = AdaFisher(model, factor_interval=1)
+    assert opt.tracked_layers == ["0"]
+    model[2].requires_grad_(True)
+    opt.add_param_group({"params": model[2].parameters(), "lr": 1e-4})
+    assert opt.tracked_layers == ["0", "2"]
+    train_step(model, opt, torch.randn(5, 3), torch.randint(0, 2, (5,)))
+    H, S = opt.factors("2")
+    assert not torch.equal(S, torch.ones_like(S))
+
+
+def test_remove_hooks_and_no_reference_cycle():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    opt = AdaFisher(model)
+    assert len(model[0]._forward_hooks) == 1
+    opt.remove_hooks()
+    assert len(model[0]._forward_hooks) == 0
+
+    gc.disable()
+    try:
+        opt = AdaFisher(model)
+        opt_ref = weakref.ref(opt)
+        del opt
+        assert opt_ref() is None  # freed by reference counting alone: no cycle
+        assert len(model[0]._forward_hooks) == 0  # and its hooks went with it
+        opt = AdaFisher(model)
+        model_ref = weakref.ref(model)
+        del model
+        assert model_ref() is None  # the optimizer does not keep the model alive
+        del opt
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_parameters_use_fp32_math(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    low = copy.deepcopy(model).to(dtype)
+    full = copy.deepcopy(low).float()  # same starting values
+    opts = [AdaFisher(m, factor_interval=1, lr=1e-2) for m in (low, full)]
+    x, y = torch.randn(9, 6), torch.randint(0, 3, (9,))
+    for m, opt in zip((low, full), opts):
+        opt.zero_grad()
+        nn.functional.cross_entropy(m(x.to(next(m.parameters()).dtype)).float(), y).backward()
+    for p, q in zip(low.parameters(), full.parameters()):
+        q.grad = p.grad.float()  # the same gradient and statistics: only the update differs
+    pending = [next(iter(opt._buffers.values())).pending for opt in opts]
+    pending[1].copy_(pending[0])
+    for opt in opts:
+        opt.step()
+    for p, q in zip(low.parameters(), full.parameters()):
+        assert p.dtype == dtype and opts[0].state[p]["exp_avg"].dtype == dtype
+        torch.testing.assert_close(p.float(), q.to(dtype).float(), rtol=0, atol=0)
+
+
+def test_float64_parameters_stay_float64():
+    model = nn.Linear(4, 2).double()
+    opt = AdaFisher(model, factor_interval=1)
+    model(torch.randn(3, 4, dtype=torch.float64)).sum().backward()
+    opt.step()
+    assert model.weight.dtype == torch.float64
+    assert opt.state[model.weight]["exp_avg"].dtype == torch.float64
