@@ -111,7 +111,8 @@ def conv_input_statistic(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> to
     spatial = tuple(x.shape[2:])
     squares = batch_sum_of_squares(x)  # (C_in, *spatial)
     per_group = module.in_channels // module.groups
-    squares = squares.reshape(module.groups, per_group, *spatial).sum(0)
+    if module.groups > 1:
+        squares = squares.reshape(module.groups, per_group, *spatial).sum(0)
     n_positions = 1
     for d, (counts, n_out) in enumerate(conv_geometry(module, spatial, squares.device)):
         # contract spatial dim d (now at axis 1 + d) with M[k, l] over l

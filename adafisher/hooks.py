@@ -12,7 +12,6 @@ optimizer alive (and the optimizer removes the hooks when it is collected).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -31,12 +30,25 @@ class TrackedLayer:
     buffers: FactorBuffers
 
 
-@contextlib.contextmanager
-def _statistics_context(device: torch.device):
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return torch.is_autocast_enabled()
+
+
+def _without_autocast_or_grad(device: torch.device, fn, *args):
     """Statistics are fp32 sums outside autograd; autocast would run the conv count matmul in
-    bf16, so it is switched off here."""
-    with torch.autocast(device_type=device.type, enabled=False), torch.no_grad():
-        yield
+    bf16. Contexts are entered only when needed: hooks run on every layer of every pass."""
+    if _autocast_enabled(device.type):
+        with torch.autocast(device_type=device.type, enabled=False), torch.no_grad():
+            return fn(*args)
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            return fn(*args)
+    return fn(*args)
 
 
 class StatisticsCollector:
@@ -66,12 +78,15 @@ class StatisticsCollector:
         x = args[0] if args else kwargs.get("input")
         if not isinstance(x, torch.Tensor):
             return
-        with _statistics_context(x.device):
-            h_hat = self.backend.input_statistic(layer.slot.kind, module, x)
+        h_hat = _without_autocast_or_grad(
+            x.device, self.backend.input_statistic, layer.slot.kind, module, x
+        )
         batch = batch_size(layer.slot.kind, x)
         output.register_hook(functools.partial(self._on_grad, layer, module, h_hat, batch))
 
     def _on_grad(self, layer: TrackedLayer, module, h_hat, batch, grad: torch.Tensor) -> None:
-        with _statistics_context(grad.device):
-            self.backend.commit_pass(layer.buffers, layer.slot, module, h_hat, grad, batch)
+        _without_autocast_or_grad(
+            grad.device, self.backend.commit_pass, layer.buffers, layer.slot, module, h_hat,
+            grad, batch,
+        )
         layer.buffers.has_pending = True

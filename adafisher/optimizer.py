@@ -110,6 +110,7 @@ class AdaFisher(torch.optim.Optimizer):
         self._backend: Backend | None = None
         self._buffers: dict[torch.device, FactorBuffers] = {}
         self._layers: dict[int, TrackedLayer] = {}  # id(module) → its slot
+        self._module_order: dict[str, int] = {}  # layer name → position in the model
         self._factor_index: dict[int, tuple[FactorIndex, FactorBuffers]] = {}  # id(param) → …
         self._factor_step = 0  # optimizer steps taken (SPEC §4 counts them from 0)
         self._collector: StatisticsCollector | None = None
@@ -160,7 +161,8 @@ class AdaFisher(torch.optim.Optimizer):
         if model is None:
             raise RuntimeError("the model this optimizer was built for no longer exists")
         wanted = {id(p) for p in params}
-        for name, module in model.named_modules():
+        for order, (name, module) in enumerate(model.named_modules()):
+            self._module_order.setdefault(name, order)
             kind = layer_kind(module)
             if kind is None:
                 continue
@@ -202,8 +204,9 @@ class AdaFisher(torch.optim.Optimizer):
 
     @property
     def tracked_layers(self) -> list[str]:
-        """Qualified names of the layers that have factors."""
-        return [slot.name for b in self._buffers.values() for slot in b.slots]
+        """Qualified names of the layers that have factors, in model order."""
+        names = [slot.name for b in self._buffers.values() for slot in b.slots]
+        return sorted(names, key=self._module_order.__getitem__)
 
     @property
     def nonfinite_statistics(self) -> int:

@@ -30,18 +30,21 @@ def _batch_first(x: torch.Tensor) -> torch.Tensor:
     return x if x.dim() >= 2 else x.unsqueeze(0)
 
 
+def _sum_except_channels(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel (dim 1) sums in fp32, reduced in place of a transposed copy."""
+    return x.sum(dim=[d for d in range(x.dim()) if d != 1], dtype=torch.float32)
+
+
 def batchnorm_input_statistic(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     x = _batch_first(x)
     batch, channels = x.shape[0], x.shape[1]
     positions = x[0, 0].numel()
-    sums = x.float().transpose(0, 1).reshape(channels, -1).sum(1) / positions**2
+    sums = _sum_except_channels(x) / positions**2
     return torch.stack([sums.square().sum(), sums.new_tensor(float(channels))]) / batch**2
 
 
 def batchnorm_output_statistic(module: nn.Module, g: torch.Tensor, batch: int) -> torch.Tensor:
-    g = _batch_first(g)
-    sums = g.float().transpose(0, 1).reshape(g.shape[1], -1).sum(1)
-    return sums.square() / batch
+    return _sum_except_channels(_batch_first(g)).square() / batch
 
 
 def layernorm_input_statistic(module: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -51,14 +54,14 @@ def layernorm_input_statistic(module: nn.LayerNorm, x: torch.Tensor) -> torch.Te
     divisor = 1
     for d in reduced[1:]:
         divisor *= x.shape[d]
-    s = x.float().sum(reduced) / divisor**2
+    s = x.sum(reduced, dtype=torch.float32) / divisor**2
     return torch.stack([s.square().sum(), s.new_tensor(float(s.numel()))]) / batch**2
 
 
 def layernorm_output_statistic(module: nn.LayerNorm, g: torch.Tensor, batch: int) -> torch.Tensor:
     n_norm = len(module.normalized_shape)
     lead = list(range(g.dim() - n_norm))
-    sums = g.float().sum(lead) if lead else g.float()
+    sums = g.sum(lead, dtype=torch.float32) if lead else g.float()
     return sums.reshape(-1).square() / batch
 
 
