@@ -78,6 +78,11 @@ class StatisticsCollector:
         x = args[0] if args else kwargs.get("input")
         if not isinstance(x, torch.Tensor):
             return
+        if x.device != layer.buffers.device:
+            raise RuntimeError(
+                f"layer {layer.slot.name!r} ran on {x.device} but its AdaFisher factors live on "
+                f"{layer.buffers.device}: create the optimizer after moving the model"
+            )
         h_hat = _without_autocast_or_grad(
             x.device, self.backend.input_statistic, layer.slot.kind, module, x
         )

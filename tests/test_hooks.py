@@ -234,3 +234,12 @@ def test_float64_parameters_stay_float64():
     opt.step()
     assert model.weight.dtype == torch.float64
     assert opt.state[model.weight]["exp_avg"].dtype == torch.float64
+
+
+def test_model_moved_after_the_optimizer_gives_a_clear_error():
+    model = nn.Linear(3, 2)
+    opt = AdaFisher(model)
+    model.to(torch.device("meta"))
+    with pytest.raises(RuntimeError, match="create the optimizer after moving the model"):
+        model(torch.randn(2, 3, device="meta"))
+    del opt
