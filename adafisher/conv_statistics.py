@@ -102,6 +102,17 @@ def batch_sum_of_squares(x: torch.Tensor) -> torch.Tensor:
     return total.permute(*inverse)
 
 
+def channel_sum_of_squares(g: torch.Tensor) -> torch.Tensor:
+    """``Σ g²`` per channel (dim 1) in fp32, in bounded batch chunks."""
+    dims = [0, *range(2, g.dim())]
+    rows = max(1, _REDUCE_CHUNK_ELEMENTS // max(1, g[0].numel()))
+    total = None
+    for chunk in g.split(rows):
+        part = chunk.float().square().sum(dims)
+        total = part if total is None else total.add_(part)
+    return total
+
+
 def conv_input_statistic(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
     """Ĥ for a conv layer: flat ``(C_in/groups · Πk [+ 1 for bias])`` fp32 vector."""
     n_spatial = len(module.kernel_size)
@@ -128,5 +139,4 @@ def conv_output_statistic(module: nn.modules.conv._ConvNd, g: torch.Tensor) -> t
     """Ŝ for a conv layer: per output channel, mean of g² over batch and positions (fp32)."""
     if g.dim() == len(module.kernel_size) + 1:
         g = g.unsqueeze(0)
-    per_channel = batch_sum_of_squares(g).flatten(1).sum(1)
-    return per_channel / (g.numel() // g.shape[1])
+    return channel_sum_of_squares(g) / (g.numel() // g.shape[1])

@@ -73,7 +73,9 @@ def make_conv(c: dict) -> tuple[nn.Module, torch.Tensor]:
     return conv, x
 
 
-@settings(max_examples=150, deadline=None)
+# no deadline or speed health checks: CI machines are shared and noisy
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=list(hypothesis.HealthCheck))
 @given(conv_configs)
 def test_conv_statistics_match_unfold_definition(config):
     conv, x = make_conv(config)
