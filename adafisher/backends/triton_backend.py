@@ -1,19 +1,224 @@
-"""Placeholder until the Triton kernels land: reports itself unavailable."""
+"""The Triton backend: fused statistics, factor update and step (kernels in ``adafisher.kernels``).
+
+Runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before Triton was
+imported (that is how CI tests it). Anything the kernels do not cover falls back to the torch
+reference per item, without host-device synchronization: float64 parameters, parameters whose
+gradient or momentum is laid out differently from them, weights in layouts other than
+row-major or channels_last.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Sequence
+from types import ModuleType
 
 import torch
+from torch import nn
+
+from .. import statistics
+from ..factors import FactorBuffers, LayerSlot
+from ..functional import adafisher_update, preconditioner
+from ..layers import FactorIndex, LayerKind
+from . import torch_backend
+from .base import GroupStep
+
+
+def _kernels() -> tuple[ModuleType, ModuleType, ModuleType]:
+    """The kernel modules (imported lazily: Triton is optional)."""
+    from ..kernels import blend, fused_step, layer_statistics  # noqa: PLC0415
+
+    return blend, fused_step, layer_statistics
+
+
+def _import_error() -> str | None:
+    """Why the kernels cannot be imported (None when they can). Any exception counts: a broken
+    Triton install must leave backend="auto" on the torch backend, not crash it."""
+    try:
+        _kernels()
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _interpreted() -> bool:
+    from ..kernels._launch import interpreted  # noqa: PLC0415
+
+    return interpreted(_kernels()[1]._step_kernel)
 
 
 def usable_on(devices: Iterable[torch.device]) -> bool:
-    return False
+    """Whether ``backend="auto"`` should pick Triton: all devices CUDA, Triton importable and
+    not in interpreter mode."""
+    devices = set(devices)
+    if not devices or any(d.type != "cuda" for d in devices):
+        return False
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return _import_error() is None and not _interpreted()
+
+
+def _runs_on(device: torch.device, interpreted: bool) -> bool:
+    return device.type == ("cpu" if interpreted else "cuda")
 
 
 class TritonBackend:
     name = "triton"
 
+    def __init__(self, interpreted: bool) -> None:
+        self.interpreted = interpreted
+        blend, fused_step, layer_statistics = _kernels()
+        self._blend, self._fused, self._stats = blend, fused_step, layer_statistics
+        self._segments = blend.SegmentTables()
+        self._step_tables = fused_step.StepTables()
+
     @classmethod
     def create(cls, devices: Iterable[torch.device]) -> TritonBackend:
-        raise ValueError("backend='triton' is not available in this build; use 'torch' or 'auto'")
+        error = _import_error()
+        if error is not None:
+            raise ValueError(
+                f"backend='triton' needs Triton (pip install 'adafisher[triton]'): {error}; "
+                "use backend='torch' or 'auto'"
+            )
+        interpreted = _interpreted()
+        for device in set(devices):
+            if _runs_on(device, interpreted):
+                continue
+            if interpreted:
+                raise ValueError(
+                    f"backend='triton' under TRITON_INTERPRET=1 runs on CPU tensors only, got "
+                    f"parameters on {device}; unset TRITON_INTERPRET to run on CUDA"
+                )
+            raise ValueError(
+                f"backend='triton' runs on CUDA devices, got parameters on {device} (CPU "
+                "tensors only with TRITON_INTERPRET=1 set before Triton is imported); use "
+                "backend='torch' or 'auto'"
+            )
+        return cls(interpreted)
+
+    # ------------------------------------------------------------------------ statistics
+    def input_statistic(self, kind: LayerKind, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if not _runs_on(x.device, self.interpreted):
+            return statistics.input_statistic(kind, module, x)
+        return self._stats.input_statistic(kind, module, x)
+
+    def commit_pass(
+        self,
+        buffers: FactorBuffers,
+        slot: LayerSlot,
+        module: nn.Module,
+        h_hat: torch.Tensor,
+        grad_output: torch.Tensor,
+        batch: int,
+    ) -> None:
+        if grad_output.device != buffers.device or not _runs_on(buffers.device, self.interpreted):
+            torch_backend.TorchBackend().commit_pass(
+                buffers, slot, module, h_hat, grad_output, batch
+            )
+            return
+        self._stats.commit_pass(buffers, slot, module, h_hat, grad_output, batch)
+
+    def update_factors(self, buffers: FactorBuffers, gammas: Sequence[float]) -> None:
+        if not _runs_on(buffers.device, self.interpreted):
+            torch_backend.update_factors(buffers, gammas)
+            return
+        self._blend.update_factors(
+            buffers, (float(gammas[0]), float(gammas[1])), torch_backend.NORMALIZATION_EPS,
+            self._segments,
+        )
+
+    # ------------------------------------------------------------------------------ step
+    def step(self, group: GroupStep) -> None:
+        step_item = self._fused.StepItem
+        # One launch per (device, param dtype, grad dtype); its tracked parameters must share
+        # one FactorBuffers (the optimizer keeps one per device), untracked ones join any.
+        launches: dict[tuple, list] = {}
+        owners: dict[tuple, FactorBuffers] = {}
+        for i, param in enumerate(group.params):
+            grad, exp_avg = group.grads[i], group.exp_avgs[i]
+            index, buffers = group.indices[i], group.buffers[i]
+            inner = self._fusable(param, grad, exp_avg, index, buffers)
+            key = (param.device, param.dtype, grad.dtype)
+            if inner is not None and (index is None or owners.setdefault(key, buffers) is buffers):
+                item = step_item(param, grad, exp_avg, group.steps[i], index, inner)
+                launches.setdefault(key, []).append(item)
+            else:
+                _reference_update(param, grad, exp_avg, group.steps[i], index, buffers, group)
+        for key, items in launches.items():
+            buffers = owners.get(key)
+            self._fused.fused_step(
+                items,
+                buffers.factors if buffers is not None else None,
+                buffers.blended if buffers is not None else None,
+                lr=group.lr, beta=group.beta, weight_decay=group.weight_decay,
+                damping=group.damping, decoupled=group.decoupled, tables=self._step_tables,
+            )
+
+    def _fusable(
+        self,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        exp_avg: torch.Tensor,
+        index: FactorIndex | None,
+        buffers: FactorBuffers | None,
+    ) -> int | None:
+        """``inner`` (see ``StepItem``) when the fused kernel can update this parameter."""
+        dtypes = self._fused.FUSED_DTYPES
+        if param.dtype not in dtypes or grad.dtype not in dtypes or exp_avg.dtype != param.dtype:
+            return None
+        if not _runs_on(param.device, self.interpreted):
+            return None
+        if grad.device != param.device or exp_avg.device != param.device:
+            return None
+        if grad.shape != param.shape or exp_avg.shape != param.shape:
+            return None
+        if grad.stride() != param.stride() or exp_avg.stride() != param.stride():
+            return None
+        if index is None:
+            return 1 if _dense(param) else None
+        if buffers is None or buffers.device != param.device:
+            return None
+        if param.is_contiguous():
+            return index.cols
+        layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(param.dim())
+        if layout is not None and param.is_contiguous(memory_format=layout):
+            return param.shape[1]
+        return None
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense in some dim order (an elementwise update may run over memory)."""
+    expected = 1
+    for stride, size in sorted((s, n) for n, s in zip(t.shape, t.stride()) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _reference_update(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    step: int,
+    index: FactorIndex | None,
+    buffers: FactorBuffers | None,
+    group: GroupStep,
+) -> None:
+    """The torch update for one parameter, choosing F on the device (no host read)."""
+    fisher = None
+    if index is not None:
+        f = buffers.factors
+        fisher = preconditioner(
+            f[index.s_offset : index.s_offset + index.rows],
+            f[index.h_offset : index.h_offset + index.cols],
+            group.damping,
+            param.shape,
+        )
+        ready = buffers.initialized()[index.layer]
+        fisher = torch.where(ready, fisher, torch.ones((), dtype=fisher.dtype, device=f.device))
+        fisher = fisher.to(param.device)
+    adafisher_update(
+        param, grad, exp_avg, step, fisher, lr=group.lr, beta=group.beta,
+        weight_decay=group.weight_decay, decoupled=group.decoupled,
+    )

@@ -1,0 +1,48 @@
+"""Launch-configuration helpers shared by the kernels.
+
+Under ``TRITON_INTERPRET=1`` every program of a grid runs as Python on the CPU, so the
+interpreter wants few programs with big tiles; a GPU wants enough programs to fill its SMs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+
+def interpreted(kernel: object) -> bool:
+    """Whether ``kernel`` was built by the Triton interpreter (TRITON_INTERPRET=1 at import)."""
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def pow2(n: int, low: int = 1, high: int | None = None) -> int:
+    """The next power of two ≥ n, clamped to [low, high]."""
+    value = max(low, triton.next_power_of_2(max(1, int(n))))
+    return min(value, high) if high is not None else value
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def target_programs(device: torch.device) -> int:
+    """About how many programs a reduction should spread over (a few waves per SM)."""
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return 8 * _sm_count(index)
+
+
+def tile_elements(device: torch.device) -> int:
+    """Elements per tile: registers on a GPU, numpy vector length under the interpreter."""
+    return 4096 if device.type == "cuda" else 1 << 16
+
+
+def split(total: int, parts: int) -> tuple[int, int]:
+    """``(per_part, n_parts)`` covering ``total`` items with at most ``parts`` parts."""
+    parts = max(1, min(int(parts), int(total)))
+    per = triton.cdiv(total, parts)
+    return per, triton.cdiv(total, per)

@@ -1,0 +1,94 @@
+"""Fresh statistics Ĥ and Ŝ per layer kind (SPEC §2) on the fused kernels.
+
+The same contract as ``adafisher.statistics`` (the reference): ``input_statistic`` returns Ĥ of
+one forward pass (fp32); ``commit_pass`` adds the pass's Ĥ and Ŝ into the layer's slices of the
+flat pending buffer and +1 into its pass count, so gradient accumulation is a running sum.
+Launches per pass: Linear 1 + 1 (forward + backward), Conv 2 + 1, BatchNorm/LayerNorm 2 + 2
+(plus the zero-fills of their small fp32 scratch vectors).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from adafisher.factors import FactorBuffers, LayerSlot
+from adafisher.layers import LayerKind
+
+from .conv_patch import conv_input_statistic
+from .reductions import Commit, channel_reduce, square_commit, square_sum_pair
+
+
+def _f32_zeros(n: int, device: torch.device) -> torch.Tensor:
+    return torch.zeros(n, device=device, dtype=torch.float32)
+
+
+def _rows_as_acl(x: torch.Tensor, width: int) -> tuple[torch.Tensor, int]:
+    """Rows ``(N, width)`` of x seen as ``(1, width, N)`` (channels = features), and N."""
+    rows = x.reshape(-1, width)
+    return rows.t().unsqueeze(0), rows.shape[0]
+
+
+def _batch_first(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dim() >= 2 else x.unsqueeze(0)
+
+
+def _conv_batched(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(0) if x.dim() == len(module.kernel_size) + 1 else x
+
+
+def input_statistic(kind: LayerKind, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Ĥ of one forward pass, fp32, of the layer's H length."""
+    if kind is LayerKind.CONV:
+        return conv_input_statistic(module, x)
+    if kind is LayerKind.LINEAR:
+        has_bias = module.bias is not None
+        view, n_rows = _rows_as_acl(x, module.in_features)
+        h = _f32_zeros(module.in_features + int(has_bias), x.device)
+        channel_reduce(view, h, n_rows, square=True, tail_one=has_bias)
+        return h
+    # BatchNorm and LayerNorm share Ĥ's formula: per-dim-1 sums over every other dim divided
+    # by (positions per sample)², then [Σ s², len(s)] / B².
+    x = _batch_first(x)
+    batch, channels = x.shape[0], x.shape[1]
+    positions = math.prod(x.shape[2:])
+    sums = _f32_zeros(channels, x.device)
+    channel_reduce(x, sums, positions**2, square=False)
+    h = torch.empty(2, device=x.device, dtype=torch.float32)
+    square_sum_pair(sums, h, batch**2, channels)
+    return h
+
+
+def commit_pass(
+    buffers: FactorBuffers,
+    slot: LayerSlot,
+    module: nn.Module,
+    h_hat: torch.Tensor,
+    grad_output: torch.Tensor,
+    batch: int,
+) -> None:
+    """pending[H] += Ĥ, pending[S] += Ŝ(grad_output), pass count += 1, fused with Ŝ."""
+    h_src = h_hat.to(device=buffers.device, dtype=torch.float32).contiguous()
+    commit = Commit(
+        h_src,
+        buffers.pending[slot.h_offset : slot.h_offset + slot.h_len],
+        buffers.pending_count[slot.index : slot.index + 1],
+    )
+    s_dst = buffers.pending[slot.s_offset : slot.s_offset + slot.s_len]
+    g = grad_output
+    if slot.kind is LayerKind.LINEAR:
+        view, n_rows = _rows_as_acl(g, module.out_features)
+        channel_reduce(view, s_dst, n_rows, square=True, commit=commit)
+    elif slot.kind is LayerKind.CONV:
+        g = _conv_batched(module, g)
+        channel_reduce(g, s_dst, g.numel() // g.shape[1], square=True, commit=commit)
+    else:
+        if slot.kind is LayerKind.BATCHNORM:
+            view = _batch_first(g)  # sum over batch and positions, per channel
+        else:  # LayerNorm: sum over the leading (non-normalized) dims, per element
+            view, _ = _rows_as_acl(g, math.prod(module.normalized_shape))
+        sums = _f32_zeros(slot.s_len, g.device)
+        channel_reduce(view, sums, 1.0, square=False)
+        square_commit(sums, s_dst, batch, commit)

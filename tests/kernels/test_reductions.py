@@ -1,0 +1,116 @@
+"""kernels/reductions.py against plain torch sums."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_testing import DEVICE, LOW_PRECISION, randn, rel_err
+
+from adafisher.kernels.reductions import (
+    Commit,
+    acl_view,
+    channel_reduce,
+    square_commit,
+    square_sum_pair,
+)
+
+
+def _reference(x: torch.Tensor, divisor: float, square: bool) -> torch.Tensor:
+    """Σ over dim 0 and dims 2… per dim-1 channel, fp32."""
+    v = x.float()
+    v = v * v if square else v
+    return v.transpose(0, 1).reshape(x.shape[1], -1).sum(1) / divisor
+
+
+def _inputs(layout: str, dtype: torch.dtype) -> torch.Tensor:
+    if layout == "nchw":
+        return randn(3, 5, 7, 4, dtype=dtype)
+    if layout == "channels_last":
+        return randn(2, 6, 5, 7, dtype=dtype).to(memory_format=torch.channels_last)
+    if layout == "rows":  # a Linear's (N, D) rows as (1, D, N)
+        return randn(17, 431, dtype=dtype).t().unsqueeze(0)
+    if layout == "single":
+        return randn(1, 1, dtype=dtype)
+    if layout == "wide_c":
+        return randn(4, 123, dtype=dtype)
+    raise AssertionError(layout)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows", "single", "wide_c"])
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION])
+@pytest.mark.parametrize("square", [True, False])
+def test_channel_reduce_accumulates(layout: str, dtype: torch.dtype, square: bool) -> None:
+    x = _inputs(layout, dtype)
+    channels = x.shape[1]
+    prior = randn(channels, seed=1)
+    out = torch.cat([prior, torch.full((3,), float("nan"), device=DEVICE)])
+    channel_reduce(x, out, 7.0, square=square)
+    expected = prior + _reference(x, 7.0, square)
+    assert rel_err(out[:channels], expected) < 1e-6
+    assert out[channels:].isnan().all()  # nothing written past the channels
+
+
+def test_channel_reduce_tail_one_and_commit() -> None:
+    x = randn(6, 9)
+    out = torch.full((10,), float("nan"), device=DEVICE)
+    out[:9] = 0
+    channel_reduce(x, out, 6.0, square=True, tail_one=True)
+    assert out[9].item() == 1.0
+    assert rel_err(out[:9], _reference(x, 6.0, True)) < 1e-6
+
+    h_src, h_prior, count = randn(5, seed=2), randn(5, seed=3), torch.full((1,), 2.0, device=DEVICE)
+    h_dst = h_prior.clone()
+    s_out = randn(9, seed=4)
+    s_prior = s_out.clone()
+    channel_reduce(x, s_out, 1.0, square=False, commit=Commit(h_src, h_dst, count))
+    assert rel_err(s_out, s_prior + _reference(x, 1.0, False)) < 1e-6
+    assert torch.equal(h_dst, h_prior + h_src)
+    assert count.item() == 3.0
+
+
+def test_wide_offsets_match() -> None:
+    """The 64-bit offset path (activations over 2**31 elements) on a small input."""
+    x = randn(11, 37).t().unsqueeze(0)
+    narrow, wide = torch.zeros(37, device=DEVICE), torch.zeros(37, device=DEVICE)
+    channel_reduce(x, narrow, 11.0, square=True, wide=False)
+    channel_reduce(x, wide, 11.0, square=True, wide=True)
+    assert torch.allclose(narrow, wide, rtol=1e-6, atol=0)
+    assert rel_err(wide, _reference(x, 11.0, True)) < 1e-6
+
+
+def test_unmergeable_layout_is_copied() -> None:
+    x = randn(2, 3, 8, 5)[:, :, ::2, :]  # strided dims 2 and 3 cannot merge
+    assert acl_view(x) is None
+    out = torch.zeros(3, device=DEVICE)
+    channel_reduce(x, out, 1.0, square=True)
+    assert rel_err(out, _reference(x, 1.0, True)) < 1e-6
+
+
+def test_acl_view_merges_trailing_dims() -> None:
+    x = torch.empty(2, 4, 3, 5, 6).to(memory_format=torch.channels_last_3d)
+    assert acl_view(x) == (2, 4, 90, x.stride(0), 1, 4)
+    assert acl_view(torch.empty(3, 7)) == (3, 7, 1, 7, 1, 1)
+    assert acl_view(torch.empty(5)) is None
+
+
+@pytest.mark.parametrize("channels", [1, 6, 1500])
+def test_square_sum_pair_writes_both_entries(channels: int) -> None:
+    sums = randn(channels, seed=5)
+    out = torch.full((3,), float("nan"), device=DEVICE)
+    square_sum_pair(sums, out, 16.0, float(channels))
+    assert rel_err(out[:1], sums.square().sum().reshape(1) / 16.0) < 1e-6
+    assert out[1].item() == pytest.approx(channels / 16.0, rel=1e-7)
+    assert out[2].isnan()
+
+
+@pytest.mark.parametrize("channels", [1, 7, 1100])
+def test_square_commit(channels: int) -> None:
+    sums, s_prior = randn(channels, seed=6), randn(channels, seed=7)
+    h_src, h_prior = randn(2, seed=8), randn(2, seed=9)
+    s_dst, h_dst = s_prior.clone(), h_prior.clone()
+    count = torch.zeros(1, device=DEVICE)
+    square_commit(sums, s_dst, 3.0, Commit(h_src, h_dst, count))
+    assert rel_err(s_dst, s_prior + sums.square() / 3.0) < 1e-6
+    assert torch.equal(h_dst, h_prior + h_src)
+    assert count.item() == 1.0
+
