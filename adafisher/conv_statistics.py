@@ -17,8 +17,9 @@ import math
 import torch
 from torch import nn
 
-# Elements of x squared at once while reducing over the batch: bounds the temporary memory.
-_REDUCE_CHUNK_ELEMENTS = 1 << 21
+# Elements of x squared at once while reducing over the batch: bounds the temporary memory
+# (2 MiB in fp32, small enough to stay in cache on CPUs, where it measured fastest).
+_REDUCE_CHUNK_ELEMENTS = 1 << 19
 
 
 @functools.lru_cache(maxsize=512)
@@ -84,8 +85,14 @@ def conv_geometry(
     return dims
 
 
+def _squares(chunk: torch.Tensor) -> torch.Tensor:
+    return chunk.square() if chunk.dtype == torch.float32 else chunk.float().square_()
+
+
 def batch_sum_of_squares(x: torch.Tensor) -> torch.Tensor:
     """``Σ_b x[b]²`` in fp32, reducing in x's own memory order and in bounded chunks."""
+    if x.numel() <= _REDUCE_CHUNK_ELEMENTS and x.is_contiguous():
+        return _squares(x).sum(0)  # the common small case, in as few ops as possible
     # Walk the per-sample dims from outermost to innermost stride so channels_last is read
     # contiguously, then put the result back in logical order.
     order = sorted(range(1, x.dim()), key=lambda d: -x.stride(d))
@@ -94,7 +101,7 @@ def batch_sum_of_squares(x: torch.Tensor) -> torch.Tensor:
     rows = max(1, _REDUCE_CHUNK_ELEMENTS // per_sample)
     total = None
     for chunk in view.split(rows):
-        part = chunk.float().square().sum(0)
+        part = _squares(chunk).sum(0)
         total = part if total is None else total.add_(part)
     inverse = [0] * len(order)
     for pos, d in enumerate(order):
@@ -105,10 +112,12 @@ def batch_sum_of_squares(x: torch.Tensor) -> torch.Tensor:
 def channel_sum_of_squares(g: torch.Tensor) -> torch.Tensor:
     """``Σ g²`` per channel (dim 1) in fp32, in bounded batch chunks."""
     dims = [0, *range(2, g.dim())]
-    rows = max(1, _REDUCE_CHUNK_ELEMENTS // max(1, g[0].numel()))
+    if g.numel() <= _REDUCE_CHUNK_ELEMENTS:
+        return _squares(g).sum(dims)
+    rows = max(1, _REDUCE_CHUNK_ELEMENTS // max(1, math.prod(g.shape[1:])))
     total = None
     for chunk in g.split(rows):
-        part = chunk.float().square().sum(dims)
+        part = _squares(chunk).sum(dims)
         total = part if total is None else total.add_(part)
     return total
 
@@ -124,12 +133,15 @@ def conv_input_statistic(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> to
     per_group = module.in_channels // module.groups
     if module.groups > 1:
         squares = squares.reshape(module.groups, per_group, *spatial).sum(0)
-    n_positions = 1
-    for d, (counts, n_out) in enumerate(conv_geometry(module, spatial, squares.device)):
-        # contract spatial dim d (now at axis 1 + d) with M[k, l] over l
-        squares = torch.movedim(torch.movedim(squares, 1 + d, -1) @ counts.T, -1, 1 + d)
-        n_positions *= n_out
-    h = squares.reshape(-1) / (batch * n_positions * module.groups)
+    geometry = conv_geometry(module, spatial, squares.device)
+    if len(geometry) == 2:  # Conv2d: M_h · X2[c] · M_wᵀ for every channel, two matmuls
+        squares = geometry[0][0] @ squares @ geometry[1][0].T
+    else:
+        for d, (counts, _) in enumerate(geometry):
+            # contract spatial dim d (now at axis 1 + d) with M[k, l] over l
+            squares = torch.movedim(torch.movedim(squares, 1 + d, -1) @ counts.T, -1, 1 + d)
+    n_positions = math.prod(n_out for _, n_out in geometry)
+    h = squares.reshape(-1).mul_(1.0 / (batch * n_positions * module.groups))
     if module.bias is not None:
         h = torch.cat([h, h.new_ones(1)])
     return h
@@ -139,4 +151,4 @@ def conv_output_statistic(module: nn.modules.conv._ConvNd, g: torch.Tensor) -> t
     """Ŝ for a conv layer: per output channel, mean of g² over batch and positions (fp32)."""
     if g.dim() == len(module.kernel_size) + 1:
         g = g.unsqueeze(0)
-    return channel_sum_of_squares(g) / (g.numel() // g.shape[1])
+    return channel_sum_of_squares(g).mul_(g.shape[1] / g.numel())

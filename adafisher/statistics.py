@@ -6,6 +6,8 @@ fused kernels are tested against, and the torch backend's implementation.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -30,6 +32,11 @@ def _batch_first(x: torch.Tensor) -> torch.Tensor:
     return x if x.dim() >= 2 else x.unsqueeze(0)
 
 
+def _pair(first: torch.Tensor, second: float) -> torch.Tensor:
+    """``[first, second]`` as one fp32 vector (first is a 0-d tensor)."""
+    return torch.cat([first.reshape(1), first.new_full((1,), second)])
+
+
 def _sum_except_channels(x: torch.Tensor) -> torch.Tensor:
     """Per-channel (dim 1) sums in fp32, reduced in place of a transposed copy."""
     return x.sum(dim=[d for d in range(x.dim()) if d != 1], dtype=torch.float32)
@@ -38,13 +45,14 @@ def _sum_except_channels(x: torch.Tensor) -> torch.Tensor:
 def batchnorm_input_statistic(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     x = _batch_first(x)
     batch, channels = x.shape[0], x.shape[1]
-    positions = x[0, 0].numel()
-    sums = _sum_except_channels(x) / positions**2
-    return torch.stack([sums.square().sum(), sums.new_tensor(float(channels))]) / batch**2
+    positions = math.prod(x.shape[2:])
+    sums = _sum_except_channels(x)
+    scale = 1.0 / (positions**4 * batch**2)  # (Σ/T²)² summed, then / B²
+    return _pair(torch.dot(sums, sums) * scale, channels / batch**2)
 
 
 def batchnorm_output_statistic(module: nn.Module, g: torch.Tensor, batch: int) -> torch.Tensor:
-    return _sum_except_channels(_batch_first(g)).square() / batch
+    return _sum_except_channels(_batch_first(g)).square_().mul_(1.0 / batch)
 
 
 def layernorm_input_statistic(module: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -54,8 +62,9 @@ def layernorm_input_statistic(module: nn.LayerNorm, x: torch.Tensor) -> torch.Te
     divisor = 1
     for d in reduced[1:]:
         divisor *= x.shape[d]
-    s = x.sum(reduced, dtype=torch.float32) / divisor**2
-    return torch.stack([s.square().sum(), s.new_tensor(float(s.numel()))]) / batch**2
+    s = x.sum(reduced, dtype=torch.float32)
+    scale = 1.0 / (divisor**4 * batch**2)
+    return _pair(torch.dot(s, s) * scale, s.numel() / batch**2)
 
 
 def layernorm_output_statistic(module: nn.LayerNorm, g: torch.Tensor, batch: int) -> torch.Tensor:

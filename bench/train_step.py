@@ -94,8 +94,12 @@ def main(argv: list[str] | None = None) -> dict:
         return time.perf_counter() - start
 
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for i in range(args.warmup + args.steps):  # interleaved: noise hits every optimizer alike
-        for name, (model, opt) in runs.items():
+    names = list(runs)
+    for i in range(args.warmup + args.steps):
+        # interleaved, in an order rotating every round: noise (and whatever one optimizer
+        # leaves in the allocator or caches) hits every optimizer alike
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            model, opt = runs[name]
             elapsed = one_step(model, opt)
             if i >= args.warmup:
                 times[name].append(elapsed)

@@ -63,7 +63,7 @@ class TorchBackend:
         s_hat = statistics.output_statistic(slot.kind, module, grad_output, batch)
         buffers.pending[slot.h_offset : slot.h_offset + slot.h_len].add_(h_hat)
         buffers.pending[slot.s_offset : slot.s_offset + slot.s_len].add_(s_hat)
-        buffers.pending_count[slot.index] += 1
+        buffers.pending_count[slot.index : slot.index + 1].add_(1.0)  # in place, no copy-back
 
     def update_factors(self, buffers: FactorBuffers, gammas: Sequence[float]) -> None:
         update_factors(buffers, gammas)
