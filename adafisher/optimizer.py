@@ -132,6 +132,9 @@ class AdaFisher(torch.optim.Optimizer):
             if key in param_group:
                 raise ValueError(f"param group key {key!r} is not an AdaFisher option: {hint}")
         params = param_group["params"]
+        if isinstance(params, set):
+            raise TypeError("params must be an ordered collection (a list), not a set: "
+                            "state_dict matches parameters by their order")
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         seen: set[int] = set()
         for p in params:

@@ -220,6 +220,8 @@ def test_bad_models_and_params():
     with pytest.raises(ValueError, match="non-leaf"):
         AdaFisher(model, [torch.randn(3, requires_grad=True) * 2])
     w = model[0].weight
+    with pytest.raises(TypeError, match="not a set"):
+        AdaFisher(model, [{"params": {w}}])
     with pytest.raises(ValueError, match="listed twice"):
         AdaFisher(model, [w, w])
     with pytest.raises(ValueError, match="more than one parameter group"):
