@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .backends import resolve_backend
 from .backends.base import Backend, GroupStep
 from .factors import FactorBuffers
@@ -242,12 +243,16 @@ class AdaFisher(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One optimizer step: blend pending statistics (SPEC §3), then update (SPEC §6)."""
+        """One optimizer step: blend pending statistics (SPEC §3; averaged across ranks first
+        under ``torch.distributed``, SPEC §7), then update (SPEC §6)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        takes_statistics = self._factor_step % self.factor_interval == 0
         for buffers in self._buffers.values():
+            if takes_statistics and distributed.world_size() > 1:
+                distributed.all_reduce_pending(buffers)
             if buffers.has_pending:
                 self._backend.update_factors(buffers, self.gammas)
         for group in self.param_groups:
