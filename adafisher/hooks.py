@@ -19,8 +19,10 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from . import autograd_statistics
 from .backends.base import Backend
 from .factors import FactorBuffers, LayerSlot
+from .layers import LayerKind
 from .statistics import batch_size
 
 
@@ -83,11 +85,27 @@ class StatisticsCollector:
                 f"layer {layer.slot.name!r} ran on {x.device} but its AdaFisher factors live on "
                 f"{layer.buffers.device}: create the optimizer after moving the model"
             )
-        h_hat = _without_autocast_or_grad(
-            x.device, self.backend.input_statistic, layer.slot.kind, module, x
-        )
-        batch = batch_size(layer.slot.kind, x)
-        output.register_hook(functools.partial(self._on_grad, layer, module, h_hat, batch))
+        kind = layer.slot.kind
+        is_norm = kind is LayerKind.BATCHNORM or kind is LayerKind.LAYERNORM
+        h_hat = None
+        if kind is LayerKind.BATCHNORM:  # from the batch mean BatchNorm already computed
+            h_hat = _without_autocast_or_grad(
+                x.device, autograd_statistics.batchnorm_input_statistic, output, x
+            )
+        if h_hat is None:
+            h_hat = _without_autocast_or_grad(
+                x.device, self.backend.input_statistic, kind, module, x
+            )
+        batch = batch_size(kind, x)
+        node = autograd_statistics.bias_gradient_node(module, output) if is_norm else None
+        if node is not None:  # Ŝ from the bias gradient the norm's backward computes anyway
+            node.register_hook(functools.partial(self._on_norm_node, layer, module, h_hat, batch))
+        else:
+            output.register_hook(functools.partial(self._on_grad, layer, module, h_hat, batch))
+
+    def _on_norm_node(self, layer: TrackedLayer, module, h_hat, batch, grad_inputs, grad_outputs):
+        grad = autograd_statistics.bias_gradient(grad_inputs, layer.slot.s_len)
+        self._on_grad(layer, module, h_hat, batch, grad_outputs[0] if grad is None else grad)
 
     def _on_grad(self, layer: TrackedLayer, module, h_hat, batch, grad: torch.Tensor) -> None:
         _without_autocast_or_grad(

@@ -44,9 +44,13 @@ def _sum_except_channels(x: torch.Tensor) -> torch.Tensor:
 
 def batchnorm_input_statistic(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     x = _batch_first(x)
-    batch, channels = x.shape[0], x.shape[1]
-    positions = math.prod(x.shape[2:])
-    sums = _sum_except_channels(x)
+    return batchnorm_input_statistic_from_sums(_sum_except_channels(x), x.shape)
+
+
+def batchnorm_input_statistic_from_sums(sums: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Ĥ of BatchNorm from the per-channel sums Σ_{b,t} x of an input of ``shape``."""
+    batch, channels = shape[0], shape[1]
+    positions = math.prod(shape[2:])
     scale = 1.0 / (positions**4 * batch**2)  # (Σ/T²)² summed, then / B²
     return _pair(torch.dot(sums, sums) * scale, channels / batch**2)
 

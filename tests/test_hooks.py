@@ -243,3 +243,57 @@ def test_model_moved_after_the_optimizer_gives_a_clear_error():
     with pytest.raises(RuntimeError, match="create the optimizer after moving the model"):
         model(torch.randn(2, 3, device="meta"))
     del opt
+
+
+def _norm_case(case: str) -> tuple[nn.Module, nn.Module, tuple[int, ...]]:
+    if case.startswith("batchnorm"):
+        norm = nn.BatchNorm2d(3)
+        if case == "batchnorm-eval":
+            norm.eval()
+        if case == "batchnorm-frozen-bias":
+            norm.bias.requires_grad_(False)
+        model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), norm, nn.ReLU(inplace=True))
+        return model, norm, (5, 2, 4, 6)
+    norm = nn.LayerNorm((4, 6), bias=case != "layernorm-no-bias")
+    return nn.Sequential(nn.Linear(6, 6), norm, nn.Tanh()), norm, (5, 4, 6)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["batchnorm", "batchnorm-eval", "batchnorm-frozen-bias", "layernorm", "layernorm-no-bias"],
+)
+def test_norm_statistics_from_autograd_or_tensors_equal_definitions(case, monkeypatch):
+    """Norm layers read Σx and Σg from what autograd computed where it can (training-mode
+    BatchNorm's saved mean, the bias gradient) and from the tensors otherwise: both routes
+    give the SPEC's statistics."""
+    torch.manual_seed(0)
+    model, norm, shape = _norm_case(case)
+    opt = AdaFisher(model)
+    captured = {}
+
+    def capture(module, args, out):
+        captured["x"] = args[0].detach().clone()
+        out.register_hook(lambda g: captured.update(g=g))
+
+    norm.register_forward_hook(capture)
+    from adafisher import statistics
+
+    calls = []
+    original = statistics.batchnorm_input_statistic
+    monkeypatch.setattr(statistics, "batchnorm_input_statistic",
+                        lambda *a: calls.append(1) or original(*a))
+    model(torch.randn(shape) * 2 + 0.5).square().sum().backward()
+
+    buffers = next(iter(opt._buffers.values()))
+    slot = buffers.slots[1]
+    h = buffers.pending[slot.h_offset : slot.h_offset + slot.h_len].double()
+    s = buffers.pending[slot.s_offset : slot.s_offset + slot.s_len].double()
+    x, g = captured["x"], captured["g"]
+    if case.startswith("batchnorm"):
+        expected_h, expected_s = ref.batchnorm_h(x), ref.batchnorm_s(g, shape[0])
+        assert bool(calls) == (case == "batchnorm-eval")  # only eval mode reads x again
+    else:
+        expected_h, expected_s = ref.layernorm_h(x), ref.layernorm_s(g, 2, shape[0])
+    torch.testing.assert_close(h, expected_h, rtol=1e-5, atol=0)
+    torch.testing.assert_close(s, expected_s, rtol=1e-5, atol=0)
+    assert buffers.pending_count[slot.index] == 1
