@@ -80,6 +80,13 @@ class StatisticsCollector:
         x = args[0] if args else kwargs.get("input")
         if not isinstance(x, torch.Tensor):
             return
+        self._collect(layer, module, x, output)
+
+    # Under torch.compile the checks above are traced (a step without statistics keeps one
+    # whole graph); gathering statistics runs eagerly, outside the graph, instead of being
+    # retraced for every layer.
+    @torch.compiler.disable
+    def _collect(self, layer: TrackedLayer, module, x: torch.Tensor, output: torch.Tensor) -> None:
         if x.device != layer.buffers.device:
             raise RuntimeError(
                 f"layer {layer.slot.name!r} ran on {x.device} but its AdaFisher factors live on "
