@@ -68,10 +68,6 @@ class StatisticsCollector:
             handle.remove()
         self._handles.clear()
 
-    @property
-    def active(self) -> bool:
-        return bool(self._handles)
-
     def _on_forward(self, layer: TrackedLayer, module, args, kwargs, output) -> None:
         if not (self.collecting and torch.is_grad_enabled()):
             return
