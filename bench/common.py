@@ -33,24 +33,23 @@ def ensure_repo_on_path() -> None:
 
 
 # ---------------------------------------------------------------- argparse value types
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _int_at_least(low: int, what: str):
+    """An argparse type: an int ≥ ``low``, with argparse's error otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
 
 
-def nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+positive_int = _int_at_least(1, "a positive integer")
+nonnegative_int = _int_at_least(0, "an integer >= 0")
 
 
 def _finite_float(text: str) -> float:
@@ -102,6 +101,14 @@ def resolve_device(spec: str) -> torch.device:
     elif device.type != "cpu":
         raise ValueError(f"unsupported device {spec!r} (use auto, cpu, cuda or cuda:N)")
     return device
+
+
+def device_or_error(parser: argparse.ArgumentParser, spec: str) -> torch.device:
+    """``resolve_device`` for a parsed option: a bad device ends in ``parser.error``."""
+    try:
+        return resolve_device(spec)
+    except ValueError as exc:
+        parser.error(str(exc))
 
 
 def synchronize(device: torch.device) -> None:

@@ -323,10 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, torch.device]:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        device = common.resolve_device(args.device)
-    except ValueError as exc:
-        parser.error(str(exc))
+    device = common.device_or_error(parser, args.device)
     if any(n.startswith("adafisher") for n in args.optimizers):
         try:
             common.import_adafisher()

@@ -226,12 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        device = torch.device("cpu") if args.cpu_dry_run else common.resolve_device(args.device)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = (
+        torch.device("cpu") if args.cpu_dry_run else common.device_or_error(parser, args.device)
+    )
     if args.dtype is None:
         args.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     args.layouts = [s.strip() for s in args.layouts.split(",") if s.strip()]

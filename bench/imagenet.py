@@ -110,10 +110,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, t
     """Parse and validate; every user mistake ends in parser.error, never a traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        device = common.resolve_device(args.device)
-    except ValueError as exc:
-        parser.error(str(exc))
+    device = common.device_or_error(parser, args.device)
     try:
         import torchvision  # noqa: F401  (optional dependency: only this script needs it)
     except Exception as exc:  # a torchvision built for another torch raises RuntimeError

@@ -249,12 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        device = torch.device("cpu") if args.cpu_dry_run else common.resolve_device(args.device)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = (
+        torch.device("cpu") if args.cpu_dry_run else common.device_or_error(parser, args.device)
+    )
     if args.cpu_dry_run:
         args.repeats, args.warmup, args.copy_mib = min(args.repeats, 3), 1, 8
         torch.set_num_threads(1)  # tiny tensors: a busy second core only adds hand-off stalls
