@@ -103,6 +103,16 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+def add_gpu_check_options(p: argparse.ArgumentParser, json_name: str, dry_run: str) -> None:
+    """The options bench/gpu_check.sh passes to every kernel benchmark."""
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda[:N]")
+    p.add_argument("--out", type=Path, default=Path("results"), help=f"writes OUT/{json_name}")
+    p.add_argument("--json", type=Path, default=None,
+                   help="write the JSON to this file instead (bench/gpu_check.sh uses it)")
+    p.add_argument("--cpu-dry-run", action="store_true",
+                   help=f"{dry_run} on CPU: checks the script, measures nothing real")
+
+
 def device_or_error(parser: argparse.ArgumentParser, spec: str) -> torch.device:
     """``resolve_device`` for a parsed option: a bad device ends in ``parser.error``."""
     try:

@@ -17,7 +17,6 @@ import argparse
 import sys
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -206,12 +205,7 @@ def make_backends(args, device: torch.device) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda[:N]")
-    p.add_argument("--out", type=Path, default=Path("results"), help="writes OUT/factors.json")
-    p.add_argument("--json", type=Path, default=None,
-                   help="write the JSON to this file instead (bench/gpu_check.sh uses it)")
-    p.add_argument("--cpu-dry-run", action="store_true",
-                   help="tiny shapes on CPU: checks the script, measures nothing real")
+    common.add_gpu_check_options(p, "factors.json", "tiny shapes")
     p.add_argument("--backend", default="both", choices=("both", "torch", "triton"),
                    help="both: the fused kernels and the torch reference, where they run")
     p.add_argument("--dtype", type=step_bench.dtype_arg, default=None,

@@ -21,7 +21,6 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -230,12 +229,7 @@ def dtype_arg(text: str) -> torch.dtype:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda[:N]")
-    p.add_argument("--out", type=Path, default=Path("results"), help="writes OUT/step.json")
-    p.add_argument("--json", type=Path, default=None,
-                   help="write the JSON to this file instead (bench/gpu_check.sh uses it)")
-    p.add_argument("--cpu-dry-run", action="store_true",
-                   help="tiny parameter sets on CPU: checks the script, measures nothing real")
+    common.add_gpu_check_options(p, "step.json", "tiny parameter sets")
     p.add_argument("--sets", default="resnet50,transformer", help="comma list of parameter sets")
     p.add_argument("--optimizers", default="adamw_fused,adafisher,adafisherw",
                    help="comma list from: adamw_fused, adafisher, adafisherw")
