@@ -3,6 +3,7 @@ follow the single-process full-batch trajectory."""
 
 from __future__ import annotations
 
+import faulthandler
 import os
 
 import pytest
@@ -45,21 +46,31 @@ def train(model, opt, data, rank: int = 0, world: int = 1) -> None:
         opt.step()
 
 
+def train_rank(rank: int) -> list[torch.Tensor]:
+    model = make_model()
+    # DDP averages gradients; a summed loss over half batches then needs ×WORLD to match
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = AdaFisher(ddp, lr=1e-8, factor_interval=2, gammas=(0.2, 0.2))
+    for x, y in batches():
+        shard = slice(rank * 4, rank * 4 + 4)
+        opt.zero_grad()
+        (WORLD * loss_fn(ddp(x[shard]), y[shard])).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
 def run_rank(rank: int, init_file: str, out_file: str) -> None:
+    # a hung collective must fail the test, not stall the suite
+    faulthandler.dump_traceback_later(120, exit=True)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD)
     try:
-        model = make_model()
-        # DDP averages gradients; a summed loss over half batches then needs ×WORLD to match
-        ddp = nn.parallel.DistributedDataParallel(model)
-        opt = AdaFisher(ddp, lr=1e-8, factor_interval=2, gammas=(0.2, 0.2))
-        for x, y in batches():
-            shard = slice(rank * 4, rank * 4 + 4)
-            opt.zero_grad()
-            (WORLD * loss_fn(ddp(x[shard]), y[shard])).backward()
-            opt.step()
+        # DDP and the optimizer are gone when train_rank returns: destroying the process group
+        # under a live DDP hung its destructor now and then
+        params = train_rank(rank)
         if rank == 0:
-            torch.save([p.detach() for p in model.parameters()], out_file)
+            torch.save(params, out_file)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
