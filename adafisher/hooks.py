@@ -7,12 +7,15 @@ layer (``ReLU(inplace=True)``, ``out += identity``): it sees the gradient of the
 value. A pass whose backward never reaches the layer commits nothing.
 
 The hooks reference this collector, never the optimizer, so a model does not keep its
-optimizer alive (and the optimizer removes the hooks when it is collected).
+optimizer alive (and the optimizer removes the hooks when it is collected). They hold it weakly
+and a copy of a hook (``copy.deepcopy(model)``, ``AveragedModel``, ``torch.save(model)``) is an
+inert no-op: model copies never feed, or fail on, the original optimizer.
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +56,44 @@ def _without_autocast_or_grad(device: torch.device, fn, *args):
     return fn(*args)
 
 
+class InertForwardHook:
+    """What a copied AdaFisher hook becomes: it does nothing."""
+
+    def __call__(self, module, args, kwargs, output) -> None:
+        return None
+
+
+class LayerForwardHook:
+    """The forward hook registered on a tracked layer. It reaches its collector through a weak
+    reference, and pickling or deep-copying it yields an ``InertForwardHook``: a copied model
+    carries no live AdaFisher hook (and nothing unpicklable, e.g. Triton kernel modules)."""
+
+    __slots__ = ("_collector", "layer")
+
+    def __init__(self, collector: StatisticsCollector, layer: TrackedLayer) -> None:
+        self._collector = weakref.ref(collector)
+        self.layer = layer
+
+    def feeds_a_live_collector(self) -> bool:
+        return self._collector() is not None
+
+    def __call__(self, module, args, kwargs, output) -> None:
+        collector = self._collector()
+        if collector is not None:
+            collector._on_forward(self.layer, module, args, kwargs, output)
+
+    def __reduce__(self):
+        return InertForwardHook, ()
+
+
+def live_hook_on(module: nn.Module) -> bool:
+    """Whether a live AdaFisher collector already hooks ``module``."""
+    return any(
+        isinstance(hook, LayerForwardHook) and hook.feeds_a_live_collector()
+        for hook in module._forward_hooks.values()
+    )
+
+
 class StatisticsCollector:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
@@ -60,7 +101,7 @@ class StatisticsCollector:
         self._handles: list[RemovableHandle] = []
 
     def track(self, module: nn.Module, layer: TrackedLayer) -> None:
-        hook = functools.partial(self._on_forward, layer)
+        hook = LayerForwardHook(self, layer)
         self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
 
     def remove(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -15,12 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import distributed
+from . import checkpoint, distributed
 from .backends import resolve_backend
 from .backends.base import Backend, GroupStep
 from .factors import FactorBuffers
-from .hooks import StatisticsCollector, TrackedLayer
+from .hooks import StatisticsCollector, TrackedLayer, live_hook_on
 from .layers import FactorIndex, factor_sizes, layer_kind, parameter_roles
+from .module_names import named_modules
 
 _GROUP_HYPERPARAMETERS = ("lr", "beta", "damping", "weight_decay")
 # Keys that configure the whole optimizer, or belong to other optimizers: refusing them in a
@@ -31,7 +33,6 @@ _FOREIGN = {
     "momentum": "use `beta`",
     "eps": "use `damping`",
 }
-_STATE_VERSION = 1
 
 
 def _check_number(name: str, value: Any, low: float, high: float, high_open: bool = False) -> None:
@@ -59,7 +60,8 @@ class AdaFisher(torch.optim.Optimizer):
 
     Args:
         model: the module whose Linear / Conv / BatchNorm / LayerNorm layers get factor hooks.
-        params: what to optimize (tensors or param-group dicts, as for ``torch.optim``); groups
+        params: what to optimize (tensors, ``(name, tensor)`` pairs such as
+            ``model.named_parameters()``, or param-group dicts, as for ``torch.optim``); groups
             may set their own ``lr``, ``beta``, ``damping`` and ``weight_decay``. Default: the
             model's trainable parameters.
         lr: learning rate (≥ 0).
@@ -115,10 +117,12 @@ class AdaFisher(torch.optim.Optimizer):
         self._factor_index: dict[int, tuple[FactorIndex, FactorBuffers]] = {}  # id(param) → …
         self._factor_step = 0  # optimizer steps taken (SPEC §4 counts them from 0)
         self._collector: StatisticsCollector | None = None
+        self._already_hooked: list[str] = []  # layers another live optimizer hooks too
         super().__init__(params, defaults)
+        self._warn_if_already_hooked()
         # The hooks hold the collector, not the optimizer: removing them when the optimizer
         # goes away needs no reference back to it.
-        weakref.finalize(self, self._collector.remove)
+        self._finalizer = weakref.finalize(self, self._collector.remove)
 
     # ----------------------------------------------------------------- param groups and layers
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -137,6 +141,12 @@ class AdaFisher(torch.optim.Optimizer):
             raise TypeError("params must be an ordered collection (a list), not a set: "
                             "state_dict matches parameters by their order")
         params = [params] if isinstance(params, torch.Tensor) else list(params)
+        names = [p[0] for p in params if isinstance(p, tuple) and len(p) == 2]
+        if names:  # named parameters, recorded as torch.optim does
+            if len(names) != len(params):
+                raise ValueError("params must be all (name, tensor) pairs or all tensors")
+            params = [p[1] for p in params]
+            param_group = {**param_group, "param_names": names}
         seen: set[int] = set()
         for p in params:
             if not isinstance(p, torch.Tensor):
@@ -150,6 +160,8 @@ class AdaFisher(torch.optim.Optimizer):
         _check_group_hyperparameters(group)
         super().add_param_group(group)
         self._track_parameters(params)
+        if hasattr(self, "_finalizer"):  # after construction (the constructor warns itself)
+            self._warn_if_already_hooked()
 
     def _ensure_backend(self, params: list[torch.Tensor]) -> Backend:
         if self._backend is None:
@@ -165,7 +177,7 @@ class AdaFisher(torch.optim.Optimizer):
         if model is None:
             raise RuntimeError("the model this optimizer was built for no longer exists")
         wanted = {id(p) for p in params}
-        for order, (name, module) in enumerate(model.named_modules()):
+        for order, (name, module) in enumerate(named_modules(model)):
             self._module_order.setdefault(name, order)
             kind = layer_kind(module)
             if kind is None:
@@ -196,9 +208,24 @@ class AdaFisher(torch.optim.Optimizer):
             buffers = self._buffers[device] = FactorBuffers(device)
         h_len, s_len = factor_sizes(kind, module)
         layer = TrackedLayer(buffers.add_layer(name, kind, h_len, s_len), buffers)
+        if live_hook_on(module):
+            self._already_hooked.append(name)
         self._layers[id(module)] = layer
         self._collector.track(module, layer)
         return layer
+
+    def _warn_if_already_hooked(self) -> None:
+        if self._already_hooked:
+            model = self._model()
+            warnings.warn(
+                f"{type(model).__name__} model already has a live AdaFisher optimizer hooking "
+                f"its layers {self._already_hooked}: both collect statistics on every pass. "
+                "Delete the old optimizer (or call its remove_hooks()) before building a new "
+                "one.",
+                UserWarning,
+                stacklevel=3,
+            )
+            self._already_hooked = []
 
     # --------------------------------------------------------------------------- public API
     @property
@@ -294,41 +321,22 @@ class AdaFisher(torch.optim.Optimizer):
     # ------------------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:
         """The standard optimizer state plus, under ``"adafisher"``, every tracked layer's
-        factors, pending statistics and counters (loads with ``weights_only=True``)."""
-        state = super().state_dict()
-        layers = {}
-        for buffers in self._buffers.values():
-            for slot in buffers.slots:
-                layers[slot.name] = {"kind": slot.kind.value, **buffers.layer_state(slot)}
-        state["adafisher"] = {
-            "version": _STATE_VERSION,
-            "factor_step": self._factor_step,
-            "layers": layers,
-        }
-        return state
+        factors, pending statistics and counters, ``gammas`` and ``factor_interval`` (loads
+        with ``weights_only=True``). The state-dict hooks see the whole dict."""
+        return checkpoint.state_dict(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("adafisher", None)
-        if not isinstance(extra, dict) or extra.get("version") != _STATE_VERSION:
-            raise ValueError("state_dict is not an AdaFisher state dict (no 'adafisher' entry)")
-        saved = extra["layers"]
-        slots = {slot.name: (slot, b) for b in self._buffers.values() for slot in b.slots}
-        if set(saved) != set(slots):
-            raise ValueError(
-                "state_dict's tracked layers differ from this optimizer's: "
-                f"missing {sorted(set(slots) - set(saved))}, unexpected "
-                f"{sorted(set(saved) - set(slots))}"
-            )
-        for name, (slot, _) in slots.items():
-            if saved[name]["kind"] != slot.kind.value:
-                raise ValueError(f"layer {name!r} is a {slot.kind.value} layer, state has "
-                                 f"{saved[name]['kind']}")
-        super().load_state_dict(state_dict)
-        for name, (slot, buffers) in slots.items():
-            buffers.load_layer_state(slot, saved[name])
-        self._factor_step = int(extra["factor_step"])
-        self._collector.collecting = self._factor_step % self.factor_interval == 0
+        """Loads a ``state_dict()``: all of it, or, when anything in it does not fit this
+        optimizer, nothing (ValueError). ``gammas`` and ``factor_interval`` come from the
+        checkpoint, as each group's ``lr`` does."""
+        checkpoint.load_state_dict(self, state_dict)
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise TypeError(
+            f"{type(self).__name__} cannot be pickled or copied: it is bound to its model's "
+            "layers through hooks. Save optimizer.state_dict() instead, and load it into a new "
+            "optimizer built for the model (or its copy) with load_state_dict()."
+        )
 
 
 class AdaFisherW(AdaFisher):

@@ -110,6 +110,7 @@ def test_schedulers_and_closure():
         cosine.step()
     assert math.isclose(opt.param_groups[0]["lr"], 0.0, abs_tol=1e-12)
 
+    opt.remove_hooks()  # `cosine` keeps the first optimizer alive
     opt = AdaFisher(model, lr=1e-2)
     one_cycle = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=1e-2, total_steps=4, cycle_momentum=False
