@@ -65,4 +65,4 @@ def batchnorm_channel_sums(output: torch.Tensor, x: torch.Tensor) -> torch.Tenso
     if not isinstance(mean, torch.Tensor) or mean.numel() != channels:
         return None  # eval mode saves no batch mean
     count = x.numel() // channels
-    return mean.float() * count
+    return mean.to(statistics.accumulation_dtype(mean)) * count

@@ -85,8 +85,15 @@ def conv_geometry(
     return dims
 
 
+def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 sums for fp16/bf16/fp32 activations; float64 ones stay float64 (SPEC §2)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _squares(chunk: torch.Tensor) -> torch.Tensor:
-    return chunk.square() if chunk.dtype == torch.float32 else chunk.float().square_()
+    if chunk.dtype in (torch.float32, torch.float64):
+        return chunk.square()
+    return chunk.float().square_()
 
 
 def batch_sum_of_squares(x: torch.Tensor) -> torch.Tensor:
@@ -135,10 +142,12 @@ def conv_input_statistic(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> to
         squares = squares.reshape(module.groups, per_group, *spatial).sum(0)
     geometry = conv_geometry(module, spatial, squares.device)
     if len(geometry) == 2:  # Conv2d: M_h · X2[c] · M_wᵀ for every channel, two matmuls
-        squares = geometry[0][0] @ squares @ geometry[1][0].T
+        rows, cols = (counts.to(squares.dtype) for counts, _ in geometry)  # exact integers
+        squares = rows @ squares @ cols.T
     else:
         for d, (counts, _) in enumerate(geometry):
             # contract spatial dim d (now at axis 1 + d) with M[k, l] over l
+            counts = counts.to(squares.dtype)
             squares = torch.movedim(torch.movedim(squares, 1 + d, -1) @ counts.T, -1, 1 + d)
     n_positions = math.prod(n_out for _, n_out in geometry)
     h = squares.reshape(-1).mul_(1.0 / (batch * n_positions * module.groups))

@@ -1,6 +1,7 @@
 """The flat per-device buffers that hold every tracked layer's factors (SPEC §1, §3, §8).
 
-One layout per device: each layer owns an H segment and an S segment of one flat fp32 buffer,
+One layout per device and factor dtype (fp32; float64 for float64 layers): each layer owns an
+H segment and an S segment of one flat buffer,
 so normalize + blend for the whole model is a handful of vector ops (one launch in Triton).
 Segment ``2·i`` is layer i's H, segment ``2·i + 1`` its S.
 """
@@ -32,10 +33,11 @@ class FactorBuffers:
     """Factors, pending (not yet blended) statistics and bookkeeping for one device."""
 
     device: torch.device
+    dtype: torch.dtype = torch.float32  # of factors, pending and pending_count
     slots: list[LayerSlot] = field(default_factory=list)
-    factors: torch.Tensor | None = None  # fp32 [total]: H and S segments
-    pending: torch.Tensor | None = None  # fp32 [total]: sums of fresh statistics
-    pending_count: torch.Tensor | None = None  # fp32 [n_layers]: passes summed in `pending`
+    factors: torch.Tensor | None = None  # [total]: H and S segments
+    pending: torch.Tensor | None = None  # [total]: sums of fresh statistics
+    pending_count: torch.Tensor | None = None  # [n_layers]: passes summed in `pending`
     blended: torch.Tensor | None = None  # bool [2·n_layers]: segment blended at least once
     nonfinite: torch.Tensor | None = None  # int64 [2·n_layers]: discarded non-finite stats
     segment_ids: torch.Tensor | None = None  # int64 [total]: segment of each element
@@ -55,7 +57,7 @@ class FactorBuffers:
         return slot
 
     def _grow(self, extra: int) -> None:
-        dev, f32 = self.device, torch.float32
+        dev, f32 = self.device, self.dtype
 
         def grown(old: torch.Tensor | None, new_part: torch.Tensor) -> torch.Tensor:
             return new_part if old is None else torch.cat([old, new_part])
@@ -65,8 +67,11 @@ class FactorBuffers:
         self.pending_count = grown(self.pending_count, torch.zeros(1, device=dev, dtype=f32))
         self.blended = grown(self.blended, torch.zeros(2, device=dev, dtype=torch.bool))
         self.nonfinite = grown(self.nonfinite, torch.zeros(2, device=dev, dtype=torch.int64))
-        lengths = torch.tensor([n for s in self.slots for n in (s.h_len, s.s_len)])
-        self.segment_ids = torch.repeat_interleave(torch.arange(len(lengths)), lengths).to(dev)
+        lengths = torch.tensor([n for s in self.slots for n in (s.h_len, s.s_len)],
+                               dtype=torch.int64)
+        self.segment_ids = torch.repeat_interleave(
+            torch.arange(len(lengths), dtype=torch.int64), lengths
+        ).to(dev)
 
     def initialized(self) -> torch.Tensor:
         """bool [n_layers]: both factors blended at least once (before that, F = 1)."""

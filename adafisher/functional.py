@@ -32,6 +32,7 @@ def adafisher_update(
     beta: float,
     weight_decay: float,
     decoupled: bool,
+    maximize: bool = False,
 ) -> None:
     """One update of ``param`` and its first moment ``exp_avg`` in place.
 
@@ -42,6 +43,8 @@ def adafisher_update(
     p = param if param.dtype == dtype else param.to(dtype)
     m = exp_avg if exp_avg.dtype == dtype else exp_avg.to(dtype)
     g = grad.to(dtype)
+    if maximize:
+        g = -g  # before weight decay, as torch.optim does
     if weight_decay != 0 and not decoupled:
         g = g.add(p, alpha=weight_decay)  # L2: g ← g + wd·p (never touches .grad)
     m.mul_(beta).add_(g, alpha=1 - beta)

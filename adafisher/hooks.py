@@ -4,7 +4,13 @@ A forward hook computes Ĥ from the layer's input and registers a hook on the la
 tensor*; that tensor hook receives the gradient of the output, computes Ŝ and commits the pass.
 Unlike module full-backward hooks, a tensor hook keeps working when an in-place op follows the
 layer (``ReLU(inplace=True)``, ``out += identity``): it sees the gradient of the pre-in-place
-value. A pass whose backward never reaches the layer commits nothing.
+value. A pass whose backward never reaches the layer commits nothing, and neither does one
+that does not accumulate the layer's parameter gradients (``torch.autograd.grad`` with respect
+to inputs, ``backward(inputs=...)`` without them): statistics follow what ``step()`` consumes.
+
+``MultiheadAttention`` applies its ``out_proj`` functionally, so that Linear's own hooks never
+fire: a forward hook on the attention module reads the projection's input from what autograd
+saved for its matmul, and the gradient of the attention output is the projection's.
 
 The hooks reference this collector, never the optimizer, so a model does not keep its
 optimizer alive (and the optimizer removes the hooks when it is collected). They hold it weakly
@@ -20,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
 from . import autograd_statistics
@@ -68,19 +75,27 @@ class LayerForwardHook:
     reference, and pickling or deep-copying it yields an ``InertForwardHook``: a copied model
     carries no live AdaFisher hook (and nothing unpicklable, e.g. Triton kernel modules)."""
 
-    __slots__ = ("_collector", "layer")
+    __slots__ = ("_collector", "layer", "out_proj")
 
-    def __init__(self, collector: StatisticsCollector, layer: TrackedLayer) -> None:
+    def __init__(
+        self, collector: StatisticsCollector, layer: TrackedLayer, out_proj: nn.Linear | None = None
+    ) -> None:
         self._collector = weakref.ref(collector)
         self.layer = layer
+        # Set when this hook sits on a MultiheadAttention and feeds its out_proj (see track()).
+        self.out_proj = out_proj
 
     def feeds_a_live_collector(self) -> bool:
         return self._collector() is not None
 
     def __call__(self, module, args, kwargs, output) -> None:
         collector = self._collector()
-        if collector is not None:
+        if collector is None:
+            return
+        if self.out_proj is None:
             collector._on_forward(self.layer, module, args, kwargs, output)
+        else:
+            collector._on_attention_forward(self.layer, self.out_proj, module, args, output)
 
     def __reduce__(self):
         return InertForwardHook, ()
@@ -100,8 +115,17 @@ class StatisticsCollector:
         self.collecting = True  # set by the optimizer: does the coming step take statistics?
         self._handles: list[RemovableHandle] = []
 
-    def track(self, module: nn.Module, layer: TrackedLayer) -> None:
-        hook = LayerForwardHook(self, layer)
+    @property
+    def hooked(self) -> bool:
+        return bool(self._handles)
+
+    def track(self, module: nn.Module, layer: TrackedLayer, owner: nn.Module | None = None) -> None:
+        """Hook a tracked layer; ``owner`` is the MultiheadAttention whose ``out_proj`` it is
+        (it applies the projection functionally, so the hook goes on the attention module)."""
+        if isinstance(owner, nn.MultiheadAttention) and owner.out_proj is module:
+            hook, module = LayerForwardHook(self, layer, out_proj=module), owner
+        else:
+            hook = LayerForwardHook(self, layer)
         self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
 
     def remove(self) -> None:
@@ -118,6 +142,17 @@ class StatisticsCollector:
         if not isinstance(x, torch.Tensor):
             return
         self._collect(layer, module, x, output)
+
+    def _on_attention_forward(self, layer: TrackedLayer, out_proj: nn.Linear, attention, args,
+                              output) -> None:
+        if not (self.collecting and torch.is_grad_enabled()):
+            return
+        out = output[0] if isinstance(output, tuple) else output
+        if not (isinstance(out, torch.Tensor) and out.requires_grad):
+            return
+        x = _projection_input(out, out_proj)
+        if x is not None:
+            self._collect(layer, out_proj, x, out)
 
     # Under torch.compile the checks above are traced (a step without statistics keeps one
     # whole graph); gathering statistics runs eagerly, outside the graph, instead of being
@@ -141,19 +176,90 @@ class StatisticsCollector:
                 x.device, self.backend.input_statistic, kind, module, x
             )
         batch = batch_size(kind, x)
+        accumulator = _gradient_accumulator(module)
         node = autograd_statistics.bias_gradient_node(module, output) if is_norm else None
         if node is not None:  # Ŝ from the bias gradient the norm's backward computes anyway
-            node.register_hook(functools.partial(self._on_norm_node, layer, module, h_hat, batch))
+            node.register_hook(
+                functools.partial(self._on_norm_node, layer, module, h_hat, batch, accumulator)
+            )
         else:
-            output.register_hook(functools.partial(self._on_grad, layer, module, h_hat, batch))
+            output.register_hook(
+                functools.partial(self._on_grad, layer, module, h_hat, batch, accumulator)
+            )
 
-    def _on_norm_node(self, layer: TrackedLayer, module, h_hat, batch, grad_inputs, grad_outputs):
+    def _on_norm_node(self, layer: TrackedLayer, module, h_hat, batch, accumulator, grad_inputs,
+                      grad_outputs):
         grad = autograd_statistics.bias_gradient(grad_inputs, layer.slot.s_len)
-        self._on_grad(layer, module, h_hat, batch, grad_outputs[0] if grad is None else grad)
+        self._on_grad(layer, module, h_hat, batch, accumulator,
+                      grad_outputs[0] if grad is None else grad)
 
-    def _on_grad(self, layer: TrackedLayer, module, h_hat, batch, grad: torch.Tensor) -> None:
+    def _on_grad(self, layer: TrackedLayer, module, h_hat, batch, accumulator,
+                 grad: torch.Tensor) -> None:
+        if not _accumulates(accumulator):
+            return  # e.g. autograd.grad(loss, inputs): step() will not consume this pass
         _without_autocast_or_grad(
             grad.device, self.backend.commit_pass, layer.buffers, layer.slot, module, h_hat,
             grad, batch,
         )
         layer.buffers.has_pending = True
+
+
+def _gradient_accumulator(module: nn.Module):
+    """The autograd node that accumulates the gradient of the layer's first trainable parameter
+    (as used by this forward), or None when there is none to ask."""
+    for name in ("weight", "bias"):
+        p = getattr(module, name, None)
+        if isinstance(p, torch.Tensor) and p.requires_grad:
+            try:
+                return get_gradient_edge(p).node
+            except RuntimeError:
+                return None
+    return None
+
+
+_will_execute = getattr(torch._C, "_will_engine_execute_node", None)
+
+
+def _accumulates(accumulator) -> bool:
+    """Whether the running backward accumulates into the layer's parameter (unknown: yes)."""
+    if accumulator is None or _will_execute is None:
+        return True
+    try:
+        return bool(_will_execute(accumulator))
+    except RuntimeError:
+        return True
+
+
+_MATMUL_INPUT = {"AddmmBackward0": "_saved_mat1", "MmBackward0": "_saved_self"}
+
+
+@torch.compiler.disable
+def _projection_input(out: torch.Tensor, out_proj: nn.Linear) -> torch.Tensor | None:
+    """The input autograd saved for ``out_proj``'s matmul, found a few nodes below the
+    attention output (rows × in_features), or None if the graph has another layout."""
+    weight = out_proj.weight
+    if not weight.requires_grad:
+        return None
+    weight_node = get_gradient_edge(weight).node
+    frontier, depth = [out.grad_fn], 0
+    while frontier and depth < 4:
+        nodes, frontier = frontier, []
+        for node in nodes:
+            if node is None:
+                continue
+            saved = _MATMUL_INPUT.get(type(node).__name__)
+            if saved is not None and any(
+                nxt is not None and type(nxt).__name__ == "TBackward0"
+                and nxt.next_functions[0][0] is weight_node
+                for nxt, _ in node.next_functions
+            ):
+                try:
+                    x = getattr(node, saved, None)
+                except RuntimeError:  # e.g. packed away by activation checkpointing
+                    return None
+                if isinstance(x, torch.Tensor) and x.shape[-1] == out_proj.in_features:
+                    return x
+                return None
+            frontier.extend(nxt for nxt, _ in node.next_functions)
+        depth += 1
+    return None

@@ -6,7 +6,6 @@ the state, and hands the math to a backend (``backends/``) working on flat buffe
 
 from __future__ import annotations
 
-import math
 import numbers
 import warnings
 import weakref
@@ -23,8 +22,13 @@ from .factors import FactorBuffers
 from .hooks import StatisticsCollector, TrackedLayer, live_hook_on
 from .layers import FactorIndex, factor_sizes, layer_kind, parameter_roles
 from .module_names import named_modules
+from .validation import (
+    GroupChecker,
+    check_group_hyperparameters,
+    check_group_keys,
+    check_number,
+)
 
-_GROUP_HYPERPARAMETERS = ("lr", "beta", "damping", "weight_decay")
 # Keys that configure the whole optimizer, or belong to other optimizers: refusing them in a
 # param group beats silently ignoring them.
 _GLOBAL_ONLY = ("gammas", "factor_interval", "backend")
@@ -33,25 +37,6 @@ _FOREIGN = {
     "momentum": "use `beta`",
     "eps": "use `damping`",
 }
-
-
-def _check_number(name: str, value: Any, low: float, high: float, high_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    upper_ok = value < high if high_open else value <= high
-    if not (math.isfinite(value) or (value == math.inf and high == math.inf)):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if not (value >= low and upper_ok):
-        bracket = ")" if high_open else "]"
-        raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value}")
-
-
-def _check_group_hyperparameters(group: dict[str, Any]) -> None:
-    _check_number("lr", group["lr"], 0.0, math.inf)
-    _check_number("beta", group["beta"], 0.0, 1.0, high_open=True)
-    _check_number("damping", group["damping"], 0.0, math.inf)
-    _check_number("weight_decay", group["weight_decay"], 0.0, math.inf)
 
 
 class AdaFisher(torch.optim.Optimizer):
@@ -66,11 +51,15 @@ class AdaFisher(torch.optim.Optimizer):
             model's trainable parameters.
         lr: learning rate (≥ 0).
         beta: momentum coefficient, in [0, 1).
-        damping: λ added to the Kronecker factors' product (≥ 0).
+        damping: λ added to the Kronecker factors' product (finite, > 0).
         gammas: ``(γ₁, γ₂)``: blend ``factor ← (1−γ₁)·factor + γ₂·normalized``, each in [0, 1].
         factor_interval: statistics are taken before every ``factor_interval``-th step (≥ 1).
         weight_decay: L2 penalty coefficient (≥ 0); decoupled in ``AdaFisherW``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        maximize: maximize the objective (the gradient's sign is flipped), as in ``torch.optim``.
+
+    A param group's ``momentum`` (written by ``OneCycleLR``/``CyclicLR`` when they cycle
+    momentum) is an alias of ``beta``: at ``step()``, whichever of the two changed wins.
     """
 
     decoupled_weight_decay = False
@@ -87,18 +76,21 @@ class AdaFisher(torch.optim.Optimizer):
         factor_interval: int = 100,
         weight_decay: float = 0.0,
         backend: str = "auto",
+        maximize: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"model must be a torch.nn.Module (AdaFisher hooks its layers), "
                 f"got {type(model).__name__}"
             )
-        defaults = dict(lr=lr, beta=beta, damping=damping, weight_decay=weight_decay)
-        _check_group_hyperparameters(defaults)
+        defaults = dict(
+            lr=lr, beta=beta, damping=damping, weight_decay=weight_decay, maximize=maximize
+        )
+        check_group_hyperparameters(defaults)
         if not isinstance(gammas, (tuple, list)) or len(gammas) != 2:
             raise ValueError(f"gammas must be a pair (gamma1, gamma2), got {gammas!r}")
-        _check_number("gammas[0]", gammas[0], 0.0, 1.0)
-        _check_number("gammas[1]", gammas[1], 0.0, 1.0)
+        check_number("gammas[0]", gammas[0], 0.0, 1.0)
+        check_number("gammas[1]", gammas[1], 0.0, 1.0)
         if isinstance(factor_interval, bool) or not isinstance(factor_interval, numbers.Integral):
             raise TypeError(f"factor_interval must be an int, got {type(factor_interval).__name__}")
         if factor_interval < 1:
@@ -111,14 +103,24 @@ class AdaFisher(torch.optim.Optimizer):
         self._model = weakref.ref(model)
         self._backend_request = backend
         self._backend: Backend | None = None
-        self._buffers: dict[torch.device, FactorBuffers] = {}
+        self._buffers: dict[tuple[torch.device, torch.dtype], FactorBuffers] = {}
         self._layers: dict[int, TrackedLayer] = {}  # id(module) → its slot
         self._module_order: dict[str, int] = {}  # layer name → position in the model
         self._factor_index: dict[int, tuple[FactorIndex, FactorBuffers]] = {}  # id(param) → …
         self._factor_step = 0  # optimizer steps taken (SPEC §4 counts them from 0)
         self._collector: StatisticsCollector | None = None
         self._already_hooked: list[str] = []  # layers another live optimizer hooks too
+        self._group_checker = GroupChecker()
+        self._unfed_warned: set[str] = set()  # tracked layers already warned about
+        # "momentum" in defaults tells OneCycleLR/CyclicLR that momentum can be cycled; groups
+        # carry it only once a scheduler writes it (see GroupChecker).
+        defaults["momentum"] = beta
         super().__init__(params, defaults)
+        try:
+            self._check_params_belong_to_model(model)
+        except ValueError:
+            self._collector.remove()  # a refused optimizer leaves no hooks behind
+            raise
         self._warn_if_already_hooked()
         # The hooks hold the collector, not the optimizer: removing them when the optimizer
         # goes away needs no reference back to it.
@@ -157,11 +159,24 @@ class AdaFisher(torch.optim.Optimizer):
                 raise ValueError("a parameter is listed twice in one param group")
             seen.add(id(p))
         group = {**self.defaults, **param_group, "params": params}
-        _check_group_hyperparameters(group)
+        del group["momentum"]
+        check_group_keys(group)
+        check_group_hyperparameters(group)
         super().add_param_group(group)
+        group.pop("momentum", None)  # torch's add_param_group put the default back
         self._track_parameters(params)
         if hasattr(self, "_finalizer"):  # after construction (the constructor warns itself)
             self._warn_if_already_hooked()
+
+    def _check_params_belong_to_model(self, model: nn.Module) -> None:
+        """Refuse an optimizer none of whose parameters is the model's: its hooks would feed
+        nothing (parameters outside the model are fine alongside the model's, with F = 1)."""
+        own = {id(p) for p in model.parameters()}
+        if not any(id(p) in own for g in self.param_groups for p in g["params"]):
+            raise ValueError(
+                "none of the given parameters belongs to the model AdaFisher was given: pass "
+                "the parameters of the model whose layers it should precondition"
+            )
 
     def _ensure_backend(self, params: list[torch.Tensor]) -> Backend:
         if self._backend is None:
@@ -177,6 +192,9 @@ class AdaFisher(torch.optim.Optimizer):
         if model is None:
             raise RuntimeError("the model this optimizer was built for no longer exists")
         wanted = {id(p) for p in params}
+        attention = {  # MultiheadAttention applies its out_proj itself: hooks go on it
+            id(m.out_proj): m for m in model.modules() if isinstance(m, nn.MultiheadAttention)
+        }
         for order, (name, module) in enumerate(named_modules(model)):
             self._module_order.setdefault(name, order)
             kind = layer_kind(module)
@@ -193,7 +211,9 @@ class AdaFisher(torch.optim.Optimizer):
                 continue
             layer = self._layers.get(id(module))
             if layer is None:
-                layer = self._new_layer(name, kind, module, owned[0][1].device)
+                layer = self._new_layer(
+                    name, kind, module, owned[0][1], attention.get(id(module))
+                )
             for attr, p in owned:
                 rows, cols, h_position = roles[attr]
                 index = FactorIndex(
@@ -202,16 +222,21 @@ class AdaFisher(torch.optim.Optimizer):
                 )
                 self._factor_index[id(p)] = (index, layer.buffers)
 
-    def _new_layer(self, name: str, kind, module: nn.Module, device: torch.device) -> TrackedLayer:
-        buffers = self._buffers.get(device)
+    def _new_layer(
+        self, name: str, kind, module: nn.Module, param: torch.Tensor, owner: nn.Module | None
+    ) -> TrackedLayer:
+        # One buffer per (device, factor dtype): float64 factors for float64 layers (SPEC §1),
+        # fp32 for every other dtype; a device holding both kinds has two buffers.
+        dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+        buffers = self._buffers.get((param.device, dtype))
         if buffers is None:
-            buffers = self._buffers[device] = FactorBuffers(device)
+            buffers = self._buffers[(param.device, dtype)] = FactorBuffers(param.device, dtype)
         h_len, s_len = factor_sizes(kind, module)
         layer = TrackedLayer(buffers.add_layer(name, kind, h_len, s_len), buffers)
         if live_hook_on(module):
             self._already_hooked.append(name)
         self._layers[id(module)] = layer
-        self._collector.track(module, layer)
+        self._collector.track(module, layer, owner)
         return layer
 
     def _warn_if_already_hooked(self) -> None:
@@ -276,25 +301,57 @@ class AdaFisher(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Everything that can refuse the step is checked before anything changes.
+        self._group_checker.check(self.param_groups)
+        work = [self._group_step(group) for group in self.param_groups]
+        if not any(w.params for w in work):
+            return loss  # no gradients: nothing changes, the statistics schedule included
         takes_statistics = self._factor_step % self.factor_interval == 0
         for buffers in self._buffers.values():
             if takes_statistics and distributed.world_size() > 1:
                 distributed.all_reduce_pending(buffers)
+            if takes_statistics:
+                self._warn_unfed_layers(buffers, work)
             if buffers.has_pending:
                 self._backend.update_factors(buffers, self.gammas)
-        for group in self.param_groups:
-            work = self._group_step(group)
-            if work.params:
-                self._backend.step(work)
+        for group_work in work:
+            if group_work.params:
+                self._count_steps(group_work)
+                self._backend.step(group_work)
         self._factor_step += 1
         self._collector.collecting = self._factor_step % self.factor_interval == 0
         return loss
 
+    def _warn_unfed_layers(self, buffers: FactorBuffers, work: list[GroupStep]) -> None:
+        """Tracked means fed: on a statistics step where some layer got statistics, warn once
+        about each tracked layer whose parameters have gradients but that got none."""
+        if not buffers.has_pending or not self._collector.hooked:
+            return
+        with_grads = {
+            index.layer for w in work for index, b in zip(w.indices, w.buffers)
+            if index is not None and b is buffers
+        }
+        counts = buffers.pending_count.tolist()
+        for slot in buffers.slots:
+            if slot.index in with_grads and counts[slot.index] == 0 and (
+                slot.name not in self._unfed_warned
+            ):
+                self._unfed_warned.add(slot.name)
+                warnings.warn(
+                    f"AdaFisher: tracked layer {slot.name!r} took part in training but received "
+                    "no curvature statistics on a statistics step (its forward hook did not see "
+                    "the pass); its parameters are updated with F = 1",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+
     def _group_step(self, group: dict[str, Any]) -> GroupStep:
+        """The group's parameters with gradients and their state, validated; changes nothing
+        (missing state is created empty, step counts are advanced by ``_count_steps``)."""
         work = GroupStep(
             [], [], [], [], [], [], lr=float(group["lr"]), beta=float(group["beta"]),
             weight_decay=float(group["weight_decay"]), damping=float(group["damping"]),
-            decoupled=self.decoupled_weight_decay,
+            decoupled=self.decoupled_weight_decay, maximize=bool(group.get("maximize", False)),
         )
         for p in group["params"]:
             grad = p.grad
@@ -304,19 +361,22 @@ class AdaFisher(torch.optim.Optimizer):
                 raise ValueError("AdaFisher does not support sparse gradients (use dense ones)")
             if grad.is_complex():
                 raise ValueError("AdaFisher does not support complex gradients")
-            state = self.state[p]
-            if not state:
-                state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] += 1
             index, buffers = self._factor_index.get(id(p), (None, None))
             work.params.append(p)
             work.grads.append(grad)
-            work.exp_avgs.append(state["exp_avg"])
-            work.steps.append(int(state["step"].item()))
             work.indices.append(index)
             work.buffers.append(buffers)
         return work
+
+    def _count_steps(self, work: GroupStep) -> None:
+        for p in work.params:
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            work.exp_avgs.append(state["exp_avg"])
+            work.steps.append(int(state["step"].item()))
 
     # ------------------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:

@@ -11,7 +11,12 @@ import math
 import torch
 from torch import nn
 
-from .conv_statistics import batch_sum_of_squares, conv_input_statistic, conv_output_statistic
+from .conv_statistics import (
+    accumulation_dtype,
+    batch_sum_of_squares,
+    conv_input_statistic,
+    conv_output_statistic,
+)
 from .layers import LayerKind
 
 
@@ -39,7 +44,7 @@ def _pair(first: torch.Tensor, second: float) -> torch.Tensor:
 
 def _sum_except_channels(x: torch.Tensor) -> torch.Tensor:
     """Per-channel (dim 1) sums in fp32, reduced in place of a transposed copy."""
-    return x.sum(dim=[d for d in range(x.dim()) if d != 1], dtype=torch.float32)
+    return x.sum(dim=[d for d in range(x.dim()) if d != 1], dtype=accumulation_dtype(x))
 
 
 def batchnorm_input_statistic(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -66,7 +71,7 @@ def layernorm_input_statistic(module: nn.LayerNorm, x: torch.Tensor) -> torch.Te
     divisor = 1
     for d in reduced[1:]:
         divisor *= x.shape[d]
-    s = x.sum(reduced, dtype=torch.float32)
+    s = x.sum(reduced, dtype=accumulation_dtype(x))
     scale = 1.0 / (divisor**4 * batch**2)
     return _pair(torch.dot(s, s) * scale, s.numel() / batch**2)
 
@@ -74,7 +79,7 @@ def layernorm_input_statistic(module: nn.LayerNorm, x: torch.Tensor) -> torch.Te
 def layernorm_output_statistic(module: nn.LayerNorm, g: torch.Tensor, batch: int) -> torch.Tensor:
     n_norm = len(module.normalized_shape)
     lead = list(range(g.dim() - n_norm))
-    sums = g.sum(lead, dtype=torch.float32) if lead else g.float()
+    sums = g.sum(lead, dtype=accumulation_dtype(g)) if lead else g.to(accumulation_dtype(g))
     return sums.reshape(-1).square() / batch
 
 

@@ -80,7 +80,7 @@ def _store(ptr, value, mask):
 def _update_tile(
     p_ptr, g_ptr, m_ptr, i, mask, factors, use_f, row0, col0, cols, cols_magic, cols_shift,
     inner, inner_magic, inner_shift, spatial, s_off, h_off, neg_step,
-    beta, one_minus_beta, weight_decay, decay, damping, WD_MODE: tl.constexpr,
+    grad_sign, beta, one_minus_beta, weight_decay, decay, damping, WD_MODE: tl.constexpr,
 ):
     """One tile of the update; ``mask`` is None for full tiles (vectorizable loads)."""
     if mask is None:
@@ -91,6 +91,7 @@ def _update_tile(
         p = tl.load(p_ptr + i, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + i, mask=mask, other=0.0).to(tl.float32)
         m = tl.load(m_ptr + i, mask=mask, other=0.0).to(tl.float32)
+    g = g * grad_sign  # ±1: exact; −1 maximizes (before weight decay, as torch.optim)
     if WD_MODE == 1:  # L2: g ← g + wd·p
         g = g + weight_decay * p
     m = m * beta + one_minus_beta * g
@@ -114,7 +115,7 @@ def _update_tile(
 @triton.jit
 def _step_kernel(
     meta, chunks, factors, blended, p_type, g_type,
-    beta, one_minus_beta, weight_decay, decay, damping,
+    grad_sign, beta, one_minus_beta, weight_decay, decay, damping,
     WD_MODE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, FIELDS: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
@@ -151,14 +152,14 @@ def _step_kernel(
     for it in range(0, full, BLOCK):  # whole tiles: no mask
         _update_tile(p_ptr, g_ptr, m_ptr, it + tl.arange(0, BLOCK), None, factors, use_f,
                      row0, col0, cols, cols_magic, cols_shift, inner, inner_magic, inner_shift,
-                     spatial, s_off, h_off, neg_step, beta, one_minus_beta, weight_decay, decay,
-                     damping, WD_MODE)
+                     spatial, s_off, h_off, neg_step, grad_sign, beta, one_minus_beta,
+                     weight_decay, decay, damping, WD_MODE)
     if full < n:  # the ragged end of the parameter
         i = full + tl.arange(0, BLOCK)
         _update_tile(p_ptr, g_ptr, m_ptr, i, i < n, factors, use_f,
                      row0, col0, cols, cols_magic, cols_shift, inner, inner_magic, inner_shift,
-                     spatial, s_off, h_off, neg_step, beta, one_minus_beta, weight_decay, decay,
-                     damping, WD_MODE)
+                     spatial, s_off, h_off, neg_step, grad_sign, beta, one_minus_beta,
+                     weight_decay, decay, damping, WD_MODE)
 
 
 def division_magic(d: int) -> tuple[int, int]:
@@ -242,11 +243,13 @@ def fused_step(
     tables: StepTables,
     block: int | None = None,
     chunk: int | None = None,
+    maximize: bool = False,
 ) -> None:
     """SPEC §6 for ``items`` (same device, parameter dtype and gradient dtype), one launch.
 
     ``factors``/``blended`` are the flat buffers of the device's layers (None when no item
-    has a layer). ``block``/``chunk`` override the tile and chunk sizes (tests, tuning)."""
+    has a layer). ``block``/``chunk`` override the tile and chunk sizes (tests, tuning);
+    ``maximize`` steps along +gradient."""
     if not items:
         return
     device = items[0].param.device
@@ -289,7 +292,7 @@ def fused_step(
     _step_kernel[(n_chunks,)](
         meta, chunk_table, factors, blended,
         tables.constant("witness", p_dtype, device), tables.constant("witness", g_dtype, device),
-        beta, 1 - beta, weight_decay, 1 - lr * weight_decay, damping,
+        -1.0 if maximize else 1.0, beta, 1 - beta, weight_decay, 1 - lr * weight_decay, damping,
         WD_MODE=wd_mode, CHUNK=chunk, BLOCK=block, FIELDS=_FIELDS, ALIGNED=aligned,
         num_warps=4,
     )

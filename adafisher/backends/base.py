@@ -34,6 +34,7 @@ class GroupStep:
     weight_decay: float
     damping: float
     decoupled: bool
+    maximize: bool = False  # step along +gradient
 
 
 class Backend(Protocol):

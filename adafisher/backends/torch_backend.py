@@ -26,13 +26,14 @@ def update_factors(buffers: FactorBuffers, gammas: Sequence[float]) -> None:
     active = count > 0
     fresh = buffers.pending / count.clamp_min(1.0)[segments]
     finite = torch.isfinite(fresh)
-    bad = torch.zeros(n_segments, device=fresh.device).index_add_(
-        0, segments, (~finite).float()
+    # Every allocation names its dtype: the result must not follow torch's default dtype.
+    bad = torch.zeros(n_segments, device=fresh.device, dtype=torch.int32).index_add_(
+        0, segments, (~finite).to(torch.int32)
     ) > 0
     clean = torch.where(finite, fresh, 0.0)
-    low = torch.full((n_segments,), torch.inf, device=fresh.device)
+    low = torch.full((n_segments,), torch.inf, device=fresh.device, dtype=fresh.dtype)
     low = low.scatter_reduce(0, segments, clean, "amin")
-    high = torch.full((n_segments,), -torch.inf, device=fresh.device)
+    high = torch.full((n_segments,), -torch.inf, device=fresh.device, dtype=fresh.dtype)
     high = high.scatter_reduce(0, segments, clean, "amax")
     normalized = (clean - low[segments]) / (high - low + NORMALIZATION_EPS)[segments]
     blend = active & ~bad
@@ -97,4 +98,5 @@ class TorchBackend:
                 beta=group.beta,
                 weight_decay=group.weight_decay,
                 decoupled=group.decoupled,
+                maximize=group.maximize,
             )

@@ -2,7 +2,8 @@
 
 Runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before Triton was
 imported (that is how CI tests it). Anything the kernels do not cover falls back to the torch
-reference per item, without host-device synchronization: float64 parameters, parameters whose
+reference per item, without host-device synchronization: float64 parameters, activations and
+factor buffers (the kernels are fp32), parameters whose
 gradient or momentum is laid out differently from them, weights in layouts other than
 row-major or channels_last.
 """
@@ -98,7 +99,7 @@ class TritonBackend:
 
     # ------------------------------------------------------------------------ statistics
     def input_statistic(self, kind: LayerKind, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if not _runs_on(x.device, self.interpreted):
+        if x.dtype == torch.float64 or not _runs_on(x.device, self.interpreted):
             return statistics.input_statistic(kind, module, x)
         return self._stats.input_statistic(kind, module, x)
 
@@ -111,7 +112,11 @@ class TritonBackend:
         grad_output: torch.Tensor,
         batch: int,
     ) -> None:
-        if grad_output.device != buffers.device or not _runs_on(buffers.device, self.interpreted):
+        if (
+            grad_output.device != buffers.device
+            or buffers.dtype != torch.float32
+            or not _runs_on(buffers.device, self.interpreted)
+        ):
             torch_backend.TorchBackend().commit_pass(
                 buffers, slot, module, h_hat, grad_output, batch
             )
@@ -119,7 +124,7 @@ class TritonBackend:
         self._stats.commit_pass(buffers, slot, module, h_hat, grad_output, batch)
 
     def update_factors(self, buffers: FactorBuffers, gammas: Sequence[float]) -> None:
-        if not _runs_on(buffers.device, self.interpreted):
+        if buffers.dtype != torch.float32 or not _runs_on(buffers.device, self.interpreted):
             torch_backend.update_factors(buffers, gammas)
             return
         self._blend.update_factors(
@@ -152,6 +157,7 @@ class TritonBackend:
                 buffers.blended if buffers is not None else None,
                 lr=group.lr, beta=group.beta, weight_decay=group.weight_decay,
                 damping=group.damping, decoupled=group.decoupled, tables=self._step_tables,
+                maximize=group.maximize,
             )
 
     def _fusable(
@@ -176,7 +182,7 @@ class TritonBackend:
             return None
         if index is None:
             return 1 if _dense(param) else None
-        if buffers is None or buffers.device != param.device:
+        if buffers is None or buffers.device != param.device or buffers.dtype != torch.float32:
             return None
         if param.is_contiguous():
             return index.cols
@@ -220,5 +226,5 @@ def _reference_update(
         fisher = fisher.to(param.device)
     adafisher_update(
         param, grad, exp_avg, step, fisher, lr=group.lr, beta=group.beta,
-        weight_decay=group.weight_decay, decoupled=group.decoupled,
+        weight_decay=group.weight_decay, decoupled=group.decoupled, maximize=group.maximize,
     )

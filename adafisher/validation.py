@@ -1,0 +1,107 @@
+"""Hyperparameter checks: at construction, and again at ``step()`` for values changed since.
+
+Param groups are plain dicts that users and LR schedulers edit between steps, so a value is
+only known to be valid when ``step()`` reads it. ``GroupChecker`` re-validates a group only
+when its values changed (one tuple comparison per group and step otherwise).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+GROUP_HYPERPARAMETERS = ("lr", "beta", "damping", "weight_decay", "maximize")
+_BETA = 1  # positions in GroupChecker's value tuples
+_MOMENTUM = len(GROUP_HYPERPARAMETERS)
+# torch.optim group keys AdaFisher does not implement: refused rather than silently ignored.
+UNSUPPORTED_GROUP_KEYS = {
+    "foreach": "AdaFisher chooses its implementation with `backend`",
+    "fused": "AdaFisher chooses its implementation with `backend`",
+    "capturable": "CUDA-graph capture of the step is not supported",
+    "differentiable": "the step is not differentiable",
+}
+
+
+def check_number(
+    name: str, value: Any, low: float, high: float, *, low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """A finite real number in the interval; TypeError / ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    low_ok = value > low if low_open else value >= low
+    high_ok = value < high if high_open else value <= high
+    if not (low_ok and high_ok):
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        raise ValueError(f"{name} must be in {left}{low}, {high}{right}, got {value}")
+
+
+def check_group_hyperparameters(group: dict[str, Any]) -> None:
+    """SPEC §6: lr and weight_decay finite ≥ 0, damping finite > 0, beta in [0, 1)."""
+    check_number("lr", group["lr"], 0.0, math.inf)
+    check_number("beta", group["beta"], 0.0, 1.0, high_open=True)
+    check_number("damping", group["damping"], 0.0, math.inf, low_open=True)
+    check_number("weight_decay", group["weight_decay"], 0.0, math.inf)
+    if not isinstance(group.get("maximize", False), bool):
+        raise TypeError(f"maximize must be a bool, got {type(group['maximize']).__name__}")
+
+
+def check_group_keys(group: dict[str, Any]) -> None:
+    for key, reason in UNSUPPORTED_GROUP_KEYS.items():
+        if group.get(key):
+            raise ValueError(f"param group option {key}=True is not supported: {reason}")
+
+
+class GroupChecker:
+    """Validates param groups at ``step()``, once per change of their values.
+
+    It also keeps ``momentum`` (written by ``OneCycleLR``/``CyclicLR`` with
+    ``cycle_momentum=True``) and ``beta`` in step: whichever changed since the last step wins.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple] = {}  # id(group) → its last validated values
+
+    @staticmethod
+    def _values(group: dict[str, Any]) -> tuple:
+        return (
+            *(group.get(k) for k in GROUP_HYPERPARAMETERS),
+            group.get("momentum"),
+            *(group.get(k) for k in UNSUPPORTED_GROUP_KEYS),
+        )
+
+    def check(self, groups: list[dict[str, Any]]) -> None:
+        """Raises before anything is changed if any group is invalid."""
+        updates = []
+        for group in groups:
+            values = self._values(group)
+            seen = self._seen.get(id(group))
+            if values == seen:
+                continue
+            candidate = dict(group)
+            momentum = group.get("momentum")
+            if momentum is not None:
+                beta_changed = seen is not None and group["beta"] != seen[_BETA]
+                momentum_changed = seen is None or momentum != seen[_MOMENTUM]
+                if momentum_changed and beta_changed and momentum != group["beta"]:
+                    raise ValueError(
+                        "param group's 'beta' and its alias 'momentum' were both changed, to "
+                        f"different values ({group['beta']} and {momentum})"
+                    )
+                candidate["beta"] = momentum if momentum_changed else group["beta"]
+            check_group_keys(candidate)
+            check_group_hyperparameters(candidate)
+            updates.append((group, candidate))
+        for group, candidate in updates:
+            if group.get("momentum") is not None:
+                group["beta"] = group["momentum"] = candidate["beta"]
+            self._seen[id(group)] = self._values(group)
+
+    def forget(self) -> None:
+        """Drop the cache (param groups were replaced, e.g. by ``load_state_dict``)."""
+        self._seen.clear()
