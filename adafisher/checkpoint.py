@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .validation import GROUP_HYPERPARAMETERS, check_group_hyperparameters
+
 if TYPE_CHECKING:
     from .factors import FactorBuffers, LayerSlot
     from .optimizer import AdaFisher
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
 STATE_VERSION = 2
 # Version 1 had no gammas / factor_interval and named layers with their wrappers' prefixes.
 _READABLE_VERSIONS = (1, 2)
+# Group options a checkpoint must carry (``maximize`` came later: older ones get the default).
+_REQUIRED_GROUP_KEYS = tuple(k for k in GROUP_HYPERPARAMETERS if k != "maximize")
 _TORCH_HOOKS = (
     "_optimizer_state_dict_pre_hooks",
     "_optimizer_state_dict_post_hooks",
@@ -240,11 +244,6 @@ def _validated_layer_tensor(
 def _validated_torch_state(opt: AdaFisher, state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """torch's ``state`` and ``param_groups``, checked against this optimizer's parameters,
     with per-parameter ``step`` numbers converted to tensors (older torch checkpoints)."""
-    from .optimizer import (  # noqa: PLC0415 - circular import
-        _GROUP_HYPERPARAMETERS,
-        _check_group_hyperparameters,
-    )
-
     for key in ("state", "param_groups"):
         if key not in state_dict:
             raise _invalid(f"no {key!r} entry")
@@ -263,14 +262,14 @@ def _validated_torch_state(opt: AdaFisher, state_dict: Mapping[str, Any]) -> dic
         if len(saved["params"]) != len(group["params"]):
             raise ValueError("loaded state dict contains a parameter group "
                              "that doesn't match the size of optimizer's group")
-        missing = [key for key in _GROUP_HYPERPARAMETERS if key not in saved]
+        missing = [key for key in _REQUIRED_GROUP_KEYS if key not in saved]
         if missing:
             raise _invalid(f"param group {i} has no {missing} entries")
         # Options added after the checkpoint was written keep this optimizer's values.
         saved = {**{k: v for k, v in group.items() if k not in ("params", "param_names")},
                  **saved}
         try:
-            _check_group_hyperparameters(saved)
+            check_group_hyperparameters(saved)
         except (TypeError, ValueError) as error:
             raise _invalid(f"param group {i}: {error}") from error
         groups.append(saved)

@@ -303,6 +303,7 @@ def test_torch_compile_gives_the_eager_statistics_and_steps():
     """Under torch.compile the hooks' checks are traced and the statistics run eagerly: the
     same factors and parameters as an eager twin (aot_eager: dynamo + AOTAutograd, no C++)."""
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # graphs compiled by earlier tests must not count
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True), nn.Flatten(),
