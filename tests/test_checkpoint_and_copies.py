@@ -391,6 +391,13 @@ def _wrap(model, how: str) -> tuple[nn.Module, nn.Module]:
     dynamo's global counters changed for later tests)."""
     if how == "torch.compile":
         return torch.compile(model, backend="eager"), model
+    if how == "checkpoint_wrapper":  # wraps a layer inside the model
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (  # noqa: PLC0415
+            checkpoint_wrapper,
+        )
+
+        model[4] = checkpoint_wrapper(model[4])
+        return model, model
     if how == "DataParallel":
         wrapper = nn.DataParallel(model)  # on CPU it just calls the module
     else:
@@ -398,7 +405,9 @@ def _wrap(model, how: str) -> tuple[nn.Module, nn.Module]:
     return wrapper, wrapper
 
 
-@pytest.mark.parametrize("how", ["torch.compile", "DataParallel", "DistributedDataParallel"])
+@pytest.mark.parametrize(
+    "how", ["torch.compile", "DataParallel", "DistributedDataParallel", "checkpoint_wrapper"]
+)
 def test_checkpoints_move_between_wrapped_and_plain_models(how, request):
     if how == "DistributedDataParallel":
         request.getfixturevalue("single_process_group")
