@@ -10,7 +10,7 @@ import numbers
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -391,7 +391,7 @@ class AdaFisher(torch.optim.Optimizer):
         checkpoint, as each group's ``lr`` does."""
         checkpoint.load_state_dict(self, state_dict)
 
-    def __getstate__(self) -> dict[str, Any]:
+    def __getstate__(self) -> NoReturn:
         raise TypeError(
             f"{type(self).__name__} cannot be pickled or copied: it is bound to its model's "
             "layers through hooks. Save optimizer.state_dict() instead, and load it into a new "

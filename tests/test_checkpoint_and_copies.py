@@ -385,25 +385,38 @@ def single_process_group(tmp_path):
         dist.destroy_process_group()
 
 
-def _wrap(model, how: str):
+def _wrap(model, how: str) -> tuple[nn.Module, nn.Module]:
+    """The wrapped model, and what to run: the compiled model's own layers run eagerly here
+    (what matters is the optimizer built on the wrapper; compiling costs time and leaves
+    dynamo's global counters changed for later tests)."""
     if how == "torch.compile":
-        return torch.compile(model, backend="eager")
+        return torch.compile(model, backend="eager"), model
+    if how == "checkpoint_wrapper":  # wraps a layer inside the model
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (  # noqa: PLC0415
+            checkpoint_wrapper,
+        )
+
+        model[4] = checkpoint_wrapper(model[4])
+        return model, model
     if how == "DataParallel":
-        return nn.DataParallel(model)  # on CPU it just calls the module
-    return nn.parallel.DistributedDataParallel(model)
+        wrapper = nn.DataParallel(model)  # on CPU it just calls the module
+    else:
+        wrapper = nn.parallel.DistributedDataParallel(model)
+    return wrapper, wrapper
 
 
-@pytest.mark.parametrize("how", ["torch.compile", "DataParallel", "DistributedDataParallel"])
+@pytest.mark.parametrize(
+    "how", ["torch.compile", "DataParallel", "DistributedDataParallel", "checkpoint_wrapper"]
+)
 def test_checkpoints_move_between_wrapped_and_plain_models(how, request):
     if how == "DistributedDataParallel":
         request.getfixturevalue("single_process_group")
-    torch._dynamo.reset()
     hp = dict(factor_interval=2, gammas=(0.5, 0.5))
     wrapped_model = make_model()
-    wrapped = _wrap(wrapped_model, how)
+    wrapped, runs = _wrap(wrapped_model, how)
     opt = AdaFisher(wrapped, **hp)
     assert opt.tracked_layers == TRACKED
-    train(wrapped, opt, 3, pending=True)
+    train(runs, opt, 3, pending=True)
 
     plain_model = make_model(seed=7)
     plain_model.load_state_dict(wrapped_model.state_dict())
@@ -414,16 +427,15 @@ def test_checkpoints_move_between_wrapped_and_plain_models(how, request):
 
     back_model = make_model(seed=8)
     back_model.load_state_dict(plain_model.state_dict())
-    back_wrapped = _wrap(back_model, how)
+    back_wrapped, back_runs = _wrap(back_model, how)
     back = AdaFisher(back_wrapped, **hp)
     back.load_state_dict(plain.state_dict())  # plain → wrapped
     copy_gradients(wrapped_model, back_model)
     assert_same(back.state_dict(), opt.state_dict())
 
-    for model, o in ((wrapped, opt), (plain_model, plain), (back_wrapped, back)):
+    for model, o in ((runs, opt), (plain_model, plain), (back_runs, back)):
         o.step()  # the pending pass
         train(model, o, 2, start=4)
     assert_same_parameters(wrapped_model, plain_model)
     assert_same_parameters(wrapped_model, back_model)
-    del wrapped, back_wrapped
-    torch._dynamo.reset()
+    del wrapped, runs, back_wrapped, back_runs
