@@ -52,7 +52,8 @@ def step_cases() -> dict[str, dict[str, int]]:
     out = {}
     for dtype in ("fp32", "bf16"):
         args = dict(meta="*i64", chunks="*i64", factors="*fp32", blended="*i1",
-                    p_type=f"*{dtype}", g_type=f"*{dtype}", beta="fp32", one_minus_beta="fp32",
+                    p_type=f"*{dtype}", g_type=f"*{dtype}", grad_sign="fp32", beta="fp32",
+                    one_minus_beta="fp32",
                     weight_decay="fp32", decay="fp32", damping="fp32", WD_MODE=2,
                     CHUNK=fused_step.GPU_CHUNK, BLOCK=fused_step.GPU_BLOCK,
                     FIELDS=fused_step._FIELDS, ALIGNED=True)
