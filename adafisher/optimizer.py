@@ -159,11 +159,10 @@ class AdaFisher(torch.optim.Optimizer):
                 raise ValueError("a parameter is listed twice in one param group")
             seen.add(id(p))
         group = {**self.defaults, **param_group, "params": params}
-        del group["momentum"]
         check_group_keys(group)
         check_group_hyperparameters(group)
         super().add_param_group(group)
-        group.pop("momentum", None)  # torch's add_param_group put the default back
+        group.pop("momentum", None)  # from defaults; only a scheduler sets it (GroupChecker)
         self._track_parameters(params)
         if hasattr(self, "_finalizer"):  # after construction (the constructor warns itself)
             self._warn_if_already_hooked()
@@ -340,14 +339,14 @@ class AdaFisher(torch.optim.Optimizer):
                 warnings.warn(
                     f"AdaFisher: tracked layer {slot.name!r} took part in training but received "
                     "no curvature statistics on a statistics step (its forward hook did not see "
-                    "the pass); its parameters are updated with F = 1",
+                    "the pass), so its factors were not updated (F = 1 until a first blend)",
                     RuntimeWarning,
                     stacklevel=3,
                 )
 
     def _group_step(self, group: dict[str, Any]) -> GroupStep:
-        """The group's parameters with gradients and their state, validated; changes nothing
-        (missing state is created empty, step counts are advanced by ``_count_steps``)."""
+        """The group's parameters that have gradients, validated; changes nothing (their state
+        is created and their step counts advanced by ``_count_steps``)."""
         work = GroupStep(
             [], [], [], [], [], [], lr=float(group["lr"]), beta=float(group["beta"]),
             weight_decay=float(group["weight_decay"]), damping=float(group["damping"]),

@@ -460,3 +460,31 @@ def test_a_step_without_gradients_does_not_advance_the_statistics_schedule():
     opt.step()
     assert opt.state_dict()["adafisher"]["factor_step"] == 3
     assert opt.state_dict()["state"][0]["step"] == 3
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_activation_checkpointing_gives_the_plain_statistics(reentrant):
+    """Recomputed forwards (reentrant: inside the backward) still count once per pass."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 4))
+    head = nn.Linear(4, 2)
+    model = nn.ModuleDict({"block": block, "head": head})
+    twin = copy.deepcopy(model)
+    opt = AdaFisher(model, factor_interval=1, gammas=(0.5, 0.5))
+    twin_opt = AdaFisher(twin, factor_interval=1, gammas=(0.5, 0.5))
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        x = torch.randn(5, 4, generator=gen, requires_grad=True)
+        opt.zero_grad()
+        hidden = checkpoint(model["block"], x, use_reentrant=reentrant)
+        model["head"](hidden).pow(2).mean().backward()
+        assert _buffers(opt)[0].pending_count.tolist() == [1.0, 1.0, 1.0, 1.0]
+        opt.step()
+        twin_opt.zero_grad()
+        twin["head"](twin["block"](x)).pow(2).mean().backward()
+        twin_opt.step()
+    for name in opt.tracked_layers:
+        for ours, theirs in zip(opt.factors(name), twin_opt.factors(name)):
+            torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
