@@ -501,7 +501,6 @@ class Property:
     fixed_backends: tuple[str, ...] = tuple(BACKENDS)  # the backends on which it fails here
 
 
-STATE = "state"
 GPUSTATS = "gpustats"
 
 PROPERTIES = [
@@ -520,16 +519,15 @@ PROPERTIES = [
     Property("closure_returns_the_loss", closure_returns_the_loss),
     Property("errors_for_bad_input", errors_for_bad_input),
     Property("grad_scaler", grad_scaler),
-    Property("optimizer_deepcopy", optimizer_deepcopy, STATE),
-    Property("model_copies_work", model_copies_work, STATE, ("triton",)),
+    Property("optimizer_deepcopy", optimizer_deepcopy),
+    Property("model_copies_work", model_copies_work),
     Property("maximize", maximize),
     Property("refused_step_is_atomic", refused_step_is_atomic),
-    Property("state_dict_hooks_see_factors", state_dict_hooks_see_factors, STATE),
-    Property("load_nontensor_step", load_nontensor_step, STATE),
+    Property("state_dict_hooks_see_factors", state_dict_hooks_see_factors),
+    Property("load_nontensor_step", load_nontensor_step),
     Property("gradient_free_step", gradient_free_step),
-    Property("named_parameters", named_parameters, STATE),
-    Property("schedule_hyperparameters_in_state_dict", schedule_hyperparameters_in_state_dict,
-             STATE),
+    Property("named_parameters", named_parameters),
+    Property("schedule_hyperparameters_in_state_dict", schedule_hyperparameters_in_state_dict),
     Property("cyclic_schedulers_with_defaults", cyclic_schedulers_with_defaults),
     Property("printable", printable),
 ]
