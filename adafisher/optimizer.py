@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, fsdp
 from .backends import resolve_backend
 from .backends.base import Backend, GroupStep
 from .factors import FactorBuffers
@@ -164,6 +164,7 @@ class AdaFisher(torch.optim.Optimizer):
         model = self._model()
         if model is None:
             raise RuntimeError("the model this optimizer was built for no longer exists")
+        fsdp.check_parameters(model, params)
         wanted = {id(p) for p in params}
         for order, (name, module) in enumerate(model.named_modules()):
             self._module_order.setdefault(name, order)
@@ -283,9 +284,12 @@ class AdaFisher(torch.optim.Optimizer):
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["step"] += 1
             index, buffers = self._factor_index.get(id(p), (None, None))
+            exp_avg = state["exp_avg"]
+            if fsdp.is_sharded(p):  # FSDP2: update the local shard with its rows of S
+                p, grad, exp_avg, index = fsdp.local_shards(p, grad, exp_avg, index)
             work.params.append(p)
             work.grads.append(grad)
-            work.exp_avgs.append(state["exp_avg"])
+            work.exp_avgs.append(exp_avg)
             work.steps.append(int(state["step"].item()))
             work.indices.append(index)
             work.buffers.append(buffers)
@@ -305,10 +309,10 @@ class AdaFisher(torch.optim.Optimizer):
             "factor_step": self._factor_step,
             "layers": layers,
         }
-        return state
+        return fsdp.share_with_param_groups(state)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
+        state_dict = dict(fsdp.lift_from_param_groups(state_dict))
         extra = state_dict.pop("adafisher", None)
         if not isinstance(extra, dict) or extra.get("version") != _STATE_VERSION:
             raise ValueError("state_dict is not an AdaFisher state dict (no 'adafisher' entry)")
