@@ -30,25 +30,28 @@ STEPS = 10
 BATCH = 8
 OPTIMIZERS = {"AdaFisher": AdaFisher, "AdaFisherW": AdaFisherW}
 HYPER = dict(lr=2e-7, gammas=(0.2, 0.2), weight_decay=1e-2)
-CASES = [(name, interval) for name in OPTIMIZERS for interval in (1, 3)]
+# the Triton backend (through its interpreter on CPU) runs the same fused step on local shards
+CASES = [(name, interval, "torch") for name in OPTIMIZERS for interval in (1, 3)]
+CASES += [("AdaFisherW", 3, "triton")]
 # checkpoint: train SAVE_AT steps, save, continue RESUME_STEPS
 SAVE_AT, RESUME_STEPS = 4, 4
 
 
 def make_model(norms: bool = False) -> nn.Module:
     torch.manual_seed(0)
-    # odd output sizes (5, 7, 3) shard unevenly over two ranks
+    # odd output sizes (5, 7, 3) shard unevenly over two ranks; the last layer's single row
+    # leaves rank 1 an empty shard
     layers = [nn.Conv2d(2, 5, 3, padding=1)]
     layers += [nn.BatchNorm2d(5)] if norms else []
     layers += [nn.Tanh(), nn.Flatten(), nn.Linear(5 * 5 * 5, 7)]
     layers += [nn.LayerNorm(7)] if norms else []
-    layers += [nn.Tanh(), nn.Linear(7, 3)]
+    layers += [nn.Tanh(), nn.Linear(7, 3), nn.Tanh(), nn.Linear(3, 1)]
     return nn.Sequential(*layers)
 
 
 def batches(steps: int = STEPS, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(BATCH, 2, 5, 5, generator=g), torch.randn(BATCH, 3, generator=g))
+    return [(torch.randn(BATCH, 2, 5, 5, generator=g), torch.randn(BATCH, 1, generator=g))
             for _ in range(steps)]
 
 
@@ -159,12 +162,25 @@ def rank_worker(rank: int, world: int, out: str) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy  # noqa: PLC0415
     from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor  # noqa: PLC0415
 
-    for name, interval in CASES:  # equivalence with single-process full-batch training
+    from adafisher.backends import triton_backend  # noqa: PLC0415
+
+    fallbacks = []  # parameters the Triton backend left to the reference update
+    reference_update = triton_backend._reference_update
+
+    def counted_reference_update(*args, **kwargs):
+        fallbacks.append(args[0].shape)
+        return reference_update(*args, **kwargs)
+
+    triton_backend._reference_update = counted_reference_update
+    for name, interval, backend in CASES:  # equivalence with single-process full-batch training
         model = shard_model(make_model())
-        opt = OPTIMIZERS[name](model, factor_interval=interval, **HYPER)
+        opt = OPTIMIZERS[name](model, factor_interval=interval, backend=backend, **HYPER)
         train(model, opt, batches(), rank, world)
-        results[(name, interval)] = full_params(model)
+        results[(name, interval, backend)] = full_params(model)
+        results["backend", backend] = opt.backend
         del model, opt
+    triton_backend._reference_update = reference_update
+    results["triton_fallbacks"] = fallbacks
 
     model = shard_model(make_model(norms=True))  # norms: the rank-averaged definition
     opt = AdaFisher(model, factor_interval=1, **HYPER)
@@ -250,12 +266,16 @@ def assert_trajectory_close(actual: dict, expected: nn.Module, norms: bool = Fal
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
-@pytest.mark.parametrize(("name", "interval"), CASES)
-def test_fsdp2_follows_single_process_full_batch_training(ranks, name, interval):
+@pytest.mark.parametrize(("name", "interval", "backend"), CASES)
+def test_fsdp2_follows_single_process_full_batch_training(ranks, name, interval, backend):
+    results = ranks[0]
+    assert results["backend", backend] == backend
+    if backend == "triton":  # every shard, the empty one included, went through the kernel
+        assert results["triton_fallbacks"] == []
     model = make_model()
     opt = OPTIMIZERS[name](model, factor_interval=interval, **HYPER)
     train(model, opt, batches())
-    assert_trajectory_close(ranks[0][(name, interval)], model)
+    assert_trajectory_close(results[(name, interval, backend)], model)
 
 
 def test_fsdp2_with_norm_layers_follows_the_rank_averaged_definition(ranks):
