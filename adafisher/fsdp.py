@@ -15,6 +15,7 @@ in the first param group, and loading accepts it from there.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from typing import Any
@@ -62,9 +63,15 @@ def check_parameters(model: nn.Module, params: list[torch.Tensor]) -> None:
 
 def local_row_offset(p: torch.Tensor) -> int:
     """First global row (dim 0) of this rank's shard of ``p``."""
+    return _row_offset(tuple(p.shape), p.device_mesh, tuple(p.placements))
+
+
+@functools.lru_cache(maxsize=1024)
+def _row_offset(shape: tuple[int, ...], mesh, placements: tuple) -> int:
+    # cached: computing it costs more than a small parameter's whole update
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset  # noqa: PLC0415
 
-    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    _, offset = compute_local_shape_and_global_offset(shape, mesh, placements)
     return int(offset[0]) if offset else 0
 
 
