@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 import torch
 from torch import nn
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, fsdp
 from .backends import resolve_backend
 from .backends.base import Backend, GroupStep
 from .factors import FactorBuffers
@@ -190,6 +190,7 @@ class AdaFisher(torch.optim.Optimizer):
         model = self._model()
         if model is None:
             raise RuntimeError("the model this optimizer was built for no longer exists")
+        fsdp.check_parameters(model, params)
         wanted = {id(p) for p in params}
         attention = {  # MultiheadAttention applies its out_proj itself: hooks go on it
             id(m.out_proj): m for m in model.modules() if isinstance(m, nn.MultiheadAttention)
@@ -368,13 +369,18 @@ class AdaFisher(torch.optim.Optimizer):
         return work
 
     def _count_steps(self, work: GroupStep) -> None:
-        for p in work.params:
+        for i, p in enumerate(work.params):
             state = self.state[p]
             if not state:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["step"] += 1
-            work.exp_avgs.append(state["exp_avg"])
+            exp_avg = state["exp_avg"]
+            if fsdp.is_sharded(p):  # FSDP2: update the local shard with its rows of S
+                work.params[i], work.grads[i], exp_avg, work.indices[i] = fsdp.local_shards(
+                    p, work.grads[i], exp_avg, work.indices[i]
+                )
+            work.exp_avgs.append(exp_avg)
             work.steps.append(int(state["step"].item()))
 
     # ------------------------------------------------------------------------- state dict
@@ -382,13 +388,13 @@ class AdaFisher(torch.optim.Optimizer):
         """The standard optimizer state plus, under ``"adafisher"``, every tracked layer's
         factors, pending statistics and counters, ``gammas`` and ``factor_interval`` (loads
         with ``weights_only=True``). The state-dict hooks see the whole dict."""
-        return checkpoint.state_dict(self)
+        return fsdp.share_with_param_groups(checkpoint.state_dict(self))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a ``state_dict()``: all of it, or, when anything in it does not fit this
         optimizer, nothing (ValueError). ``gammas`` and ``factor_interval`` come from the
         checkpoint, as each group's ``lr`` does."""
-        checkpoint.load_state_dict(self, state_dict)
+        checkpoint.load_state_dict(self, fsdp.lift_from_param_groups(state_dict))
 
     def __getstate__(self) -> NoReturn:
         raise TypeError(

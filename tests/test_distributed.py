@@ -3,13 +3,10 @@ follow the single-process full-batch trajectory."""
 
 from __future__ import annotations
 
-import faulthandler
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from distributed_helpers import spawn_ranks
 from torch import nn
 
 from adafisher import AdaFisher
@@ -59,27 +56,17 @@ def train_rank(rank: int) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
-def run_rank(rank: int, init_file: str, out_file: str) -> None:
-    # a hung collective must fail the test, not stall the suite
-    faulthandler.dump_traceback_later(120, exit=True)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD)
-    try:
-        # DDP and the optimizer are gone when train_rank returns: destroying the process group
-        # under a live DDP hung its destructor now and then
-        params = train_rank(rank)
-        if rank == 0:
-            torch.save(params, out_file)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def run_rank(rank: int, world: int, out_file: str) -> None:
+    # DDP and the optimizer are gone when train_rank returns
+    params = train_rank(rank)
+    if rank == 0:
+        torch.save(params, out_file)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
 def test_two_ranks_follow_the_single_process_trajectory(tmp_path):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     out_file = str(tmp_path / "params.pt")
-    mp.spawn(run_rank, args=(str(tmp_path / "init"), out_file), nprocs=WORLD, join=True)
+    spawn_ranks(run_rank, WORLD, tmp_path, out_file)
     distributed = torch.load(out_file, weights_only=True)
 
     model = make_model()
