@@ -23,7 +23,7 @@ from torch import nn
 
 from adafisher.conv_statistics import conv_geometry
 
-from ._launch import pow2, split, target_programs, tile_elements
+from ._launch import pow2, split, target_programs, tile_elements, tiles
 from .reductions import acl_view, sample_span
 
 
@@ -145,10 +145,10 @@ def batch_squares(
         block_c = pow2(channels, high=max(1, tile // block_l))
     on_gpu = x.device.type == "cuda"
     block_b = 1 if on_gpu else pow2(batch, high=max(1, tile // (block_c * block_l)))
-    tiles = (triton.cdiv(args[0], block_c), triton.cdiv(args[1], block_l))
-    b_per, b_parts = split(batch, target_programs(x.device) // (tiles[0] * tiles[1]))
+    grid_cl = (tiles(args[0], block_c), tiles(args[1], block_l))
+    b_per, b_parts = split(batch, target_programs(x.device) // (grid_cl[0] * grid_cl[1]))
     fold = nchw_run and groups > 1
-    _batch_squares_kernel[(*tiles, b_parts)](
+    _batch_squares_kernel[(*grid_cl, b_parts)](
         x, x2, batch, *args, b_per, per_group * length,
         GROUPED=groups > 1 and not (nchw_run or cl_run), FOLD=fold,
         BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_L=block_l,
@@ -209,7 +209,7 @@ def conv_input_statistic(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> to
     # A GPU takes one kernel offset per program; the interpreter all of them at once.
     block_k = 1 if x.device.type == "cuda" else pow2(n_k, high=max(1, tile // block_o))
     block_c = pow2(per_group, high=max(1, tile // (block_o * block_k)))
-    c_tiles, k_tiles = triton.cdiv(per_group, block_c), triton.cdiv(n_k, block_k)
+    c_tiles, k_tiles = tiles(per_group, block_c), tiles(n_k, block_k)
     o_per, o_parts = split(triton.cdiv(n_positions, block_o),
                            target_programs(x.device) // (c_tiles * k_tiles))
     _patch_sums_kernel[(c_tiles, k_tiles, o_parts)](

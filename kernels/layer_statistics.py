@@ -27,7 +27,8 @@ def _f32_zeros(n: int, device: torch.device) -> torch.Tensor:
 
 def _rows_as_acl(x: torch.Tensor, width: int) -> tuple[torch.Tensor, int]:
     """Rows ``(N, width)`` of x seen as ``(1, width, N)`` (channels = features), and N."""
-    rows = x.reshape(-1, width)
+    # reshape(-1, 0) is ambiguous: a zero-width Linear's rows are its leading dims
+    rows = x.reshape(x.numel() // width if width else math.prod(x.shape[:-1]), width)
     return rows.t().unsqueeze(0), rows.shape[0]
 
 

@@ -135,6 +135,8 @@ class TritonBackend:
         launches: dict[tuple, list] = {}
         owners: dict[tuple, FactorBuffers] = {}
         for i, param in enumerate(group.params):
+            if param.numel() == 0:  # zero-size layers (``Linear(0, n)``): nothing to update
+                continue
             grad, exp_avg = group.grads[i], group.exp_avgs[i]
             index, buffers = group.indices[i], group.buffers[i]
             inner = self._fusable(param, grad, exp_avg, index, buffers)
