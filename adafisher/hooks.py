@@ -33,7 +33,7 @@ from . import autograd_statistics
 from .backends.base import Backend
 from .factors import FactorBuffers, LayerSlot
 from .layers import LayerKind
-from .statistics import batch_size
+from .statistics import batch_size, has_samples
 
 
 @dataclass(frozen=True)
@@ -165,6 +165,8 @@ class StatisticsCollector:
                 f"{layer.buffers.device}: create the optimizer after moving the model"
             )
         kind = layer.slot.kind
+        if not has_samples(kind, x, output):  # an empty batch, an expert given no tokens
+            return
         is_norm = kind is LayerKind.BATCHNORM or kind is LayerKind.LAYERNORM
         h_hat = None
         if kind is LayerKind.BATCHNORM:  # from the batch mean BatchNorm already computed

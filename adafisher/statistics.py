@@ -20,8 +20,13 @@ from .conv_statistics import (
 from .layers import LayerKind
 
 
+def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``(N, width)`` rows of t (N counted explicitly: ``reshape(-1, 0)`` is ambiguous)."""
+    return t.reshape(math.prod(t.shape[:-1]), width)
+
+
 def linear_input_statistic(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    rows = x.reshape(-1, module.in_features)
+    rows = _rows(x, module.in_features)
     h = batch_sum_of_squares(rows) / rows.shape[0]
     if module.bias is not None:
         h = torch.cat([h, h.new_ones(1)])
@@ -29,7 +34,7 @@ def linear_input_statistic(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def linear_output_statistic(module: nn.Linear, g: torch.Tensor) -> torch.Tensor:
-    rows = g.reshape(-1, module.out_features)
+    rows = _rows(g, module.out_features)
     return batch_sum_of_squares(rows) / rows.shape[0]
 
 
@@ -81,6 +86,18 @@ def layernorm_output_statistic(module: nn.LayerNorm, g: torch.Tensor, batch: int
     lead = list(range(g.dim() - n_norm))
     sums = g.sum(lead, dtype=accumulation_dtype(g)) if lead else g.to(accumulation_dtype(g))
     return sums.reshape(-1).square() / batch
+
+
+def has_samples(kind: LayerKind, x: torch.Tensor, output: torch.Tensor) -> bool:
+    """Whether a pass carries samples (SPEC §4: a pass with zero samples adds nothing).
+
+    Linear: rows of x (a zero-width layer, ``Linear(0, n)`` or ``Linear(n, 0)``, still has
+    rows); conv: output positions over the batch; norm layers: elements of x."""
+    if kind is LayerKind.LINEAR:
+        return math.prod(x.shape[:-1]) > 0
+    if kind is LayerKind.CONV:
+        return output.numel() > 0
+    return x.numel() > 0
 
 
 def batch_size(kind: LayerKind, x: torch.Tensor) -> int:

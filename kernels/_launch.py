@@ -42,7 +42,14 @@ def tile_elements(device: torch.device) -> int:
 
 
 def split(total: int, parts: int) -> tuple[int, int]:
-    """``(per_part, n_parts)`` covering ``total`` items with at most ``parts`` parts."""
+    """``(per_part, n_parts)`` covering ``total`` items with at most ``parts`` parts; at least
+    one part of at least one item, so an empty extent still launches the program that writes
+    a bias entry or commits a pass."""
     parts = max(1, min(int(parts), int(total)))
-    per = triton.cdiv(total, parts)
-    return per, triton.cdiv(total, per)
+    per = max(1, triton.cdiv(total, parts))
+    return per, max(1, triton.cdiv(total, per))
+
+
+def tiles(total: int, block: int) -> int:
+    """Tiles of ``block`` covering ``total`` (at least one: see ``split``)."""
+    return max(1, triton.cdiv(total, block))

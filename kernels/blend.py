@@ -8,15 +8,11 @@ pending sums and pass counts are cleared. Same semantics as ``torch_backend.upda
 
 from __future__ import annotations
 
-import weakref
-
+import torch
 import triton
 import triton.language as tl
 
-from adafisher.factors import FactorBuffers
-
 from ._launch import pow2
-from ._tables import device_table
 
 # Globals read inside a compiled kernel must be constexpr.
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
@@ -75,40 +71,26 @@ def _blend_kernel(
     tl.store(count_ptr + layer, 0.0)
 
 
-class SegmentTables:
-    """Per-buffer device tables of ``(offset, length)`` per segment, rebuilt when layers are
-    added (``add_param_group``)."""
-
-    def __init__(self) -> None:
-        self._tables: dict[int, tuple[object, int, object]] = {}
-
-    def get(self, buffers: FactorBuffers):
-        entry = self._tables.get(id(buffers))
-        if entry is not None and entry[0]() is buffers and entry[1] == len(buffers.slots):
-            return entry[2]
-        values = [v for s in buffers.slots for v in (s.h_offset, s.h_len, s.s_offset, s.s_len)]
-        table = device_table(values, buffers.device)
-        self._tables[id(buffers)] = (weakref.ref(buffers), len(buffers.slots), table)
-        return table
-
-
 def update_factors(
-    buffers: FactorBuffers,
+    factors: torch.Tensor,
+    pending: torch.Tensor,
+    pending_count: torch.Tensor,
+    blended: torch.Tensor,
+    nonfinite: torch.Tensor,
+    table: torch.Tensor,
+    longest: int,
     gammas: tuple[float, float],
     eps: float,
-    tables: SegmentTables,
     block: int | None = None,
 ) -> None:
-    """SPEC §3 for every layer of ``buffers`` with pending statistics, one launch.
-    ``block`` overrides the tile size (tests)."""
-    n_layers = len(buffers.slots)
+    """SPEC §3 for every layer of the flat buffers, one launch. ``table`` holds
+    ``(offset, length)`` of segment 2·i (layer i's H) and 2·i + 1 (its S), int64 on the device;
+    ``longest`` is the longest segment. ``block`` overrides the tile size (tests)."""
+    n_layers = pending_count.numel()
     if n_layers:
-        longest = max(max(s.h_len, s.s_len) for s in buffers.slots)
-        on_gpu = buffers.device.type == "cuda"
+        on_gpu = factors.device.type == "cuda"
         block = block or pow2(longest, low=16, high=1024 if on_gpu else 1 << 16)
         _blend_kernel[(n_layers,)](
-            buffers.factors, buffers.pending, buffers.pending_count, buffers.blended,
-            buffers.nonfinite, tables.get(buffers), 1.0 - gammas[0], gammas[1], eps,
-            BLOCK=block,
+            factors, pending, pending_count, blended, nonfinite, table,
+            1.0 - gammas[0], gammas[1], eps, BLOCK=block,
         )
-    buffers.has_pending = False

@@ -7,9 +7,10 @@
    offset k reads at each output position (``o·stride + k·dilation − pad``, zero padding reads
    nothing), divided by ``B · positions_out · groups``; the bias entry is 1.
 
-1-d and 2-d convs run as 3-d ones with leading unit dims. Non-zero padding modes (reflect,
-replicate, circular) read real positions through the padding; their stage 2 uses the torch
-reference's count matrices on the (small, batch-free) X2.
+1-d and 2-d convs run as 3-d ones with leading unit dims. The conv is described by integers
+(kernel size, stride, dilation, padding per spatial dim): this module sees tensors and integers
+only. Non-zero padding modes (reflect, replicate, circular) read real positions through the
+padding: the front-end runs stage 1 here and its own stage 2 on the (small, batch-free) X2.
 """
 
 from __future__ import annotations
@@ -19,11 +20,8 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch import nn
 
-from adafisher.conv_statistics import conv_geometry
-
-from ._launch import pow2, split, target_programs, tile_elements
+from ._launch import pow2, split, target_programs, tile_elements, tiles
 from .reductions import acl_view, sample_span
 
 
@@ -105,10 +103,6 @@ def _patch_sums_kernel(
             tl.store(h_ptr + h_len - 1, 1.0)
 
 
-def _batched(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
-    return x.unsqueeze(0) if x.dim() == len(module.kernel_size) + 1 else x
-
-
 def batch_squares(
     x: torch.Tensor, groups: int, out: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, int, int]:
@@ -145,10 +139,10 @@ def batch_squares(
         block_c = pow2(channels, high=max(1, tile // block_l))
     on_gpu = x.device.type == "cuda"
     block_b = 1 if on_gpu else pow2(batch, high=max(1, tile // (block_c * block_l)))
-    tiles = (triton.cdiv(args[0], block_c), triton.cdiv(args[1], block_l))
-    b_per, b_parts = split(batch, target_programs(x.device) // (tiles[0] * tiles[1]))
+    grid_cl = (tiles(args[0], block_c), tiles(args[1], block_l))
+    b_per, b_parts = split(batch, target_programs(x.device) // (grid_cl[0] * grid_cl[1]))
     fold = nchw_run and groups > 1
-    _batch_squares_kernel[(*tiles, b_parts)](
+    _batch_squares_kernel[(*grid_cl, b_parts)](
         x, x2, batch, *args, b_per, per_group * length,
         GROUPED=groups > 1 and not (nchw_run or cl_run), FOLD=fold,
         BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_L=block_l,
@@ -156,39 +150,40 @@ def batch_squares(
     return x2, o_sc, o_sl
 
 
-def _output_lengths(
-    module: nn.modules.conv._ConvNd, spatial: tuple[int, ...]
-) -> tuple[list[int], list[int]]:
-    """Per spatial dim: the left padding and the output length (without building tensors)."""
-    pads = module._reversed_padding_repeated_twice  # (last dim left, last dim right, …)
-    lefts, outs = [], []
-    for d, length in enumerate(spatial):
-        back = len(spatial) - 1 - d
-        left, right = pads[2 * back], pads[2 * back + 1]
-        k, s, dil = module.kernel_size[d], module.stride[d], module.dilation[d]
-        n_out = (length + left + right - dil * (k - 1) - 1) // s + 1
+def output_lengths(
+    spatial: tuple[int, ...],
+    kernel_size: tuple[int, ...],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    padding: tuple[tuple[int, int], ...],
+) -> list[int]:
+    """Output length per spatial dim; ``padding`` is ``(left, right)`` per dim."""
+    outs = []
+    for length, k, st, dil, (left, right) in zip(spatial, kernel_size, stride, dilation, padding):
+        n_out = (length + left + right - dil * (k - 1) - 1) // st + 1
         if n_out <= 0:
             raise ValueError(f"conv output would be empty (input length {length}, kernel {k})")
-        lefts.append(left)
         outs.append(n_out)
-    return lefts, outs
+    return outs
 
 
-def conv_input_statistic(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
-    """Ĥ of a conv layer: flat fp32 ``(C_in/groups · Πk [+ 1 for bias])``, as the reference
-    ``adafisher.conv_statistics.conv_input_statistic``."""
-    x = _batched(module, x)
+def conv_input_statistic(
+    x: torch.Tensor,
+    groups: int,
+    kernel_size: tuple[int, ...],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    padding: tuple[tuple[int, int], ...],
+    has_bias: bool,
+) -> torch.Tensor:
+    """Ĥ of a zero-padded conv on a batched input x ``(B, C_in, *spatial)``: flat fp32
+    ``(C_in/groups · Πk [+ 1 for bias])``, as ``adafisher.conv_statistics.conv_input_statistic``."""
     batch, spatial = x.shape[0], tuple(x.shape[2:])
-    groups = module.groups
-    per_group = module.in_channels // groups
-    lefts, outs = _output_lengths(module, spatial)
+    per_group = x.shape[1] // groups
+    outs = output_lengths(spatial, kernel_size, stride, dilation, padding)
     n_positions = math.prod(outs)
     divisor = float(batch * n_positions * groups)
-    has_bias = module.bias is not None
-    if module.padding_mode != "zeros":
-        x2, o_sc, o_sl = batch_squares(x, groups)
-        return _patch_sums_torch(x2, o_sl, per_group, module, spatial, divisor, has_bias)
-    n_k = math.prod(module.kernel_size)
+    n_k = math.prod(kernel_size)
     h_len = per_group * n_k + int(has_bias)
     # One zero-fill for Ĥ and the scratch X2 (h is a view: X2's few floats per input element
     # of one sample live as long as Ĥ, until the backward pass commits it).
@@ -199,41 +194,22 @@ def conv_input_statistic(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> to
     pad3 = (1,) * (3 - len(spatial))
     zero3 = (0,) * (3 - len(spatial))
     lengths = pad3 + spatial
-    kernel = pad3 + tuple(module.kernel_size)
-    stride = pad3 + tuple(module.stride)
-    dilation = pad3 + tuple(module.dilation)
-    left = zero3 + tuple(lefts)
+    kernel = pad3 + tuple(kernel_size)
+    stride3 = pad3 + tuple(stride)
+    dilation3 = pad3 + tuple(dilation)
+    left = zero3 + tuple(p[0] for p in padding)
     outs3 = pad3 + tuple(outs)
     tile = tile_elements(x.device)
     block_o = pow2(n_positions, high=min(512, tile))
     # A GPU takes one kernel offset per program; the interpreter all of them at once.
     block_k = 1 if x.device.type == "cuda" else pow2(n_k, high=max(1, tile // block_o))
     block_c = pow2(per_group, high=max(1, tile // (block_o * block_k)))
-    c_tiles, k_tiles = triton.cdiv(per_group, block_c), triton.cdiv(n_k, block_k)
+    c_tiles, k_tiles = tiles(per_group, block_c), tiles(n_k, block_k)
     o_per, o_parts = split(triton.cdiv(n_positions, block_o),
                            target_programs(x.device) // (c_tiles * k_tiles))
     _patch_sums_kernel[(c_tiles, k_tiles, o_parts)](
-        x2, h, per_group, o_sc, o_sl, *lengths, *kernel[1:], *stride, *dilation, *left, *outs3,
+        x2, h, per_group, o_sc, o_sl, *lengths, *kernel[1:], *stride3, *dilation3, *left, *outs3,
         o_per * block_o, n_k, divisor, h.numel(),
         HAS_BIAS=has_bias, BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_O=block_o,
     )
     return h
-
-
-def _patch_sums_torch(
-    x2: torch.Tensor,
-    o_sl: int,
-    per_group: int,
-    module: nn.modules.conv._ConvNd,
-    spatial: tuple[int, ...],
-    divisor: float,
-    has_bias: bool,
-) -> torch.Tensor:
-    """Stage 2 with the reference's per-dim count matrices (non-zero padding modes)."""
-    geometry = conv_geometry(module, spatial, x2.device)
-    squares = x2.view(per_group, -1) if o_sl == 1 else x2.view(-1, per_group).T
-    squares = squares.reshape(per_group, *spatial)
-    for d, (counts, _) in enumerate(geometry):
-        squares = torch.movedim(torch.movedim(squares, 1 + d, -1) @ counts.T, -1, 1 + d)
-    h = squares.reshape(-1) / divisor
-    return torch.cat([h, h.new_ones(1)]) if has_bias else h

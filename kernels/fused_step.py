@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
-
-from adafisher.layers import FactorIndex
 
 from ._tables import device_table, float_bits
 
@@ -172,6 +171,16 @@ def division_magic(d: int) -> tuple[int, int]:
     return -(-(1 << shift) // d), shift
 
 
+class FactorPlace(NamedTuple):
+    """Where a parameter's F comes from: ``F[r, c] = S[s_offset + r]·H[h_offset + c] + λ`` for
+    the parameter viewed as ``(rows, cols)``, usable once layer ``layer`` is blended."""
+
+    layer: int
+    cols: int
+    h_offset: int
+    s_offset: int
+
+
 @dataclass
 class StepItem:
     """One parameter's share of a fused step. ``inner`` maps memory order to F's column:
@@ -181,7 +190,7 @@ class StepItem:
     grad: torch.Tensor
     exp_avg: torch.Tensor
     step: int
-    index: FactorIndex | None
+    index: FactorPlace | None
     inner: int
 
 

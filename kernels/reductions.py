@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import pow2, split, target_programs, tile_elements
+from ._launch import pow2, split, target_programs, tile_elements, tiles
 
 
 @triton.jit
@@ -169,7 +169,7 @@ def channel_reduce(
         block_c = pow2(c, high=max(1, tile // block_l))
     # A GPU walks samples one by one; the interpreter takes them all in one tile.
     block_a = 1 if x.device.type == "cuda" else pow2(a, high=max(1, tile // (block_c * block_l)))
-    c_tiles = triton.cdiv(c, block_c)
+    c_tiles = tiles(c, block_c)
     want = max(1, target_programs(x.device) // c_tiles)
     a_per, a_parts = split(a, want)
     l_per, l_parts = split(triton.cdiv(length, block_l), triton.cdiv(want, a_parts))

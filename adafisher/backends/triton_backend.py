@@ -11,6 +11,7 @@ row-major or channels_last.
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Iterable, Sequence
 from types import ModuleType
 
@@ -26,10 +27,11 @@ from .base import GroupStep
 
 
 def _kernels() -> tuple[ModuleType, ModuleType, ModuleType]:
-    """The kernel modules (imported lazily: Triton is optional)."""
-    from ..kernels import blend, fused_step, layer_statistics  # noqa: PLC0415
+    """The kernel modules and their front-end adapter (imported lazily: Triton is optional)."""
+    from ..kernels import blend, fused_step  # noqa: PLC0415
+    from . import triton_statistics  # noqa: PLC0415
 
-    return blend, fused_step, layer_statistics
+    return blend, fused_step, triton_statistics
 
 
 def _import_error() -> str | None:
@@ -68,9 +70,9 @@ class TritonBackend:
 
     def __init__(self, interpreted: bool) -> None:
         self.interpreted = interpreted
-        blend, fused_step, layer_statistics = _kernels()
-        self._blend, self._fused, self._stats = blend, fused_step, layer_statistics
-        self._segments = blend.SegmentTables()
+        blend, fused_step, statistics_adapter = _kernels()
+        self._blend, self._fused, self._stats = blend, fused_step, statistics_adapter
+        self._segments = SegmentTables()
         self._step_tables = fused_step.StepTables()
 
     @classmethod
@@ -127,10 +129,13 @@ class TritonBackend:
         if buffers.dtype != torch.float32 or not _runs_on(buffers.device, self.interpreted):
             torch_backend.update_factors(buffers, gammas)
             return
+        table, longest = self._segments.get(buffers)
         self._blend.update_factors(
-            buffers, (float(gammas[0]), float(gammas[1])), torch_backend.NORMALIZATION_EPS,
-            self._segments,
+            buffers.factors, buffers.pending, buffers.pending_count, buffers.blended,
+            buffers.nonfinite, table, longest, (float(gammas[0]), float(gammas[1])),
+            torch_backend.NORMALIZATION_EPS,
         )
+        buffers.has_pending = False
 
     # ------------------------------------------------------------------------------ step
     def step(self, group: GroupStep) -> None:
@@ -140,12 +145,16 @@ class TritonBackend:
         launches: dict[tuple, list] = {}
         owners: dict[tuple, FactorBuffers] = {}
         for i, param in enumerate(group.params):
+            if param.numel() == 0:  # zero-size layers (``Linear(0, n)``): nothing to update
+                continue
             grad, exp_avg = group.grads[i], group.exp_avgs[i]
             index, buffers = group.indices[i], group.buffers[i]
             inner = self._fusable(param, grad, exp_avg, index, buffers)
             key = (param.device, param.dtype, grad.dtype)
             if inner is not None and (index is None or owners.setdefault(key, buffers) is buffers):
-                item = step_item(param, grad, exp_avg, group.steps[i], index, inner)
+                place = None if index is None else self._fused.FactorPlace(
+                    index.layer, index.cols, index.h_offset, index.s_offset)
+                item = step_item(param, grad, exp_avg, group.steps[i], place, inner)
                 launches.setdefault(key, []).append(item)
             else:
                 _reference_update(param, grad, exp_avg, group.steps[i], index, buffers, group)
@@ -190,6 +199,26 @@ class TritonBackend:
         if layout is not None and param.is_contiguous(memory_format=layout):
             return param.shape[1]
         return None
+
+
+class SegmentTables:
+    """Per-buffer device tables of ``(offset, length)`` per segment for the blend kernel, and
+    the longest segment; rebuilt when layers are added (``add_param_group``)."""
+
+    def __init__(self) -> None:
+        self._tables: dict[int, tuple[object, int, torch.Tensor, int]] = {}
+
+    def get(self, buffers: FactorBuffers) -> tuple[torch.Tensor, int]:
+        entry = self._tables.get(id(buffers))
+        if entry is not None and entry[0]() is buffers and entry[1] == len(buffers.slots):
+            return entry[2], entry[3]
+        from ..kernels._tables import device_table  # noqa: PLC0415
+
+        values = [v for s in buffers.slots for v in (s.h_offset, s.h_len, s.s_offset, s.s_len)]
+        table = device_table(values, buffers.device)
+        longest = max((max(s.h_len, s.s_len) for s in buffers.slots), default=1)
+        self._tables[id(buffers)] = (weakref.ref(buffers), len(buffers.slots), table, longest)
+        return table, longest
 
 
 def _dense(t: torch.Tensor) -> bool:

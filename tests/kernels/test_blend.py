@@ -9,8 +9,9 @@ import torch
 from kernel_testing import DEVICE, randn, rel_err
 
 from adafisher.backends import torch_backend
+from adafisher.backends.triton_backend import SegmentTables
 from adafisher.factors import FactorBuffers
-from adafisher.kernels.blend import SegmentTables, update_factors
+from adafisher.kernels import blend
 from adafisher.layers import LayerKind
 
 # (h_len, s_len) per layer: single-element factors, odd widths, one long segment
@@ -30,6 +31,14 @@ def _buffers(seed: int) -> FactorBuffers:
     buffers.nonfinite.copy_(torch.arange(2 * n))
     buffers.has_pending = True
     return buffers
+
+
+def update_factors(buffers, gammas, eps, tables, block=None):
+    """The kernel on a FactorBuffers (the backend's translation, inlined)."""
+    table, longest = tables.get(buffers)
+    blend.update_factors(buffers.factors, buffers.pending, buffers.pending_count,
+                         buffers.blended, buffers.nonfinite, table, longest, gammas, eps, block)
+    buffers.has_pending = False
 
 
 def _state(buffers: FactorBuffers) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ import torch
 from kernel_testing import DEVICE, LOW_PRECISION, randn, rel_err
 from torch import nn
 
+from adafisher.backends.triton_statistics import conv_input_statistic as kernel_statistic
 from adafisher.conv_statistics import batch_sum_of_squares, conv_input_statistic
 from adafisher.kernels import conv_patch
 
@@ -44,7 +45,7 @@ def test_conv_input_statistic_matches_reference(name, make, shape, channels_last
     x = randn(*shape, seed=1)
     if channels_last:
         x = _channels_last(x)
-    h = conv_patch.conv_input_statistic(conv, x)
+    h = kernel_statistic(conv, x)
     expected = conv_input_statistic(conv, x)
     assert h.shape == expected.shape and h.dtype == torch.float32
     assert rel_err(h, expected) < 1e-6
@@ -58,13 +59,13 @@ def test_low_precision_inputs(dtype: torch.dtype, channels_last: bool) -> None:
     x = randn(*shape, dtype=dtype, seed=2)
     if channels_last:
         x = _channels_last(x)
-    assert rel_err(conv_patch.conv_input_statistic(conv, x), conv_input_statistic(conv, x)) < 1e-6
+    assert rel_err(kernel_statistic(conv, x), conv_input_statistic(conv, x)) < 1e-6
 
 
 def test_unbatched_input() -> None:
     conv = nn.Conv2d(3, 2, 3, padding=1).to(DEVICE)
     x = randn(3, 5, 4, seed=3)
-    assert rel_err(conv_patch.conv_input_statistic(conv, x), conv_input_statistic(conv, x)) < 1e-6
+    assert rel_err(kernel_statistic(conv, x), conv_input_statistic(conv, x)) < 1e-6
 
 
 @pytest.mark.parametrize("groups", [1, 3])
@@ -84,7 +85,7 @@ def test_batch_squares_folds_groups(groups: int, channels_last: bool) -> None:
 def test_empty_output_is_an_error() -> None:
     conv = nn.Conv2d(1, 1, 5).to(DEVICE)
     with pytest.raises(ValueError, match="empty"):
-        conv_patch.conv_input_statistic(conv, randn(1, 1, 3, 3))
+        kernel_statistic(conv, randn(1, 1, 3, 3))
 
 
 @pytest.mark.parametrize("groups", [1, 2])
@@ -94,4 +95,4 @@ def test_strided_channels_take_the_two_dimensional_path(groups: int) -> None:
     conv = nn.Conv1d(4, 2, 3, padding=1, groups=groups).to(DEVICE)
     x = randn(3, 4, 11, seed=5)[:, :, :8]
     assert x.stride() == (44, 11, 1)
-    assert rel_err(conv_patch.conv_input_statistic(conv, x), conv_input_statistic(conv, x)) < 1e-6
+    assert rel_err(kernel_statistic(conv, x), conv_input_statistic(conv, x)) < 1e-6

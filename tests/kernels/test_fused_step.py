@@ -9,20 +9,25 @@ import torch
 from kernel_testing import DEVICE, LOW_PRECISION, randn, rel_err
 
 from adafisher.functional import adafisher_update, preconditioner
-from adafisher.kernels.fused_step import StepItem, StepTables, division_magic, fused_step
-from adafisher.layers import FactorIndex
+from adafisher.kernels.fused_step import (
+    FactorPlace,
+    StepItem,
+    StepTables,
+    division_magic,
+    fused_step,
+)
 
 # factor layout: layer 0 (Linear 5→7 with bias): H [0, 6), S [6, 13); layer 1 (conv 3→4,
 # 3×2 kernel): H [13, 32), S [32, 36); layer 2 (BatchNorm 4): H [36, 38), S [38, 42);
 # layer 3 (Linear 1→1, no bias): H [42, 43), S [43, 44) — never blended, so F = 1.
 N_FACTORS = 44
 INDEX = {
-    "fc.weight": FactorIndex(0, 7, 5, 0, 6),
-    "fc.bias": FactorIndex(0, 7, 1, 5, 6),
-    "conv.weight": FactorIndex(1, 4, 18, 13, 32),
-    "bn.weight": FactorIndex(2, 4, 1, 36, 38),
-    "bn.bias": FactorIndex(2, 4, 1, 37, 38),
-    "tiny.weight": FactorIndex(3, 1, 1, 42, 43),
+    "fc.weight": FactorPlace(0, 5, 0, 6),
+    "fc.bias": FactorPlace(0, 1, 5, 6),
+    "conv.weight": FactorPlace(1, 18, 13, 32),
+    "bn.weight": FactorPlace(2, 1, 36, 38),
+    "bn.bias": FactorPlace(2, 1, 37, 38),
+    "tiny.weight": FactorPlace(3, 1, 42, 43),
 }
 SHAPES = {
     "fc.weight": (7, 5), "fc.bias": (7,), "conv.weight": (4, 3, 3, 2), "bn.weight": (4,),
@@ -56,7 +61,7 @@ def _reference(problem, steps, factors, blended, *, lr, beta, wd, damping, decou
         index = INDEX.get(name)
         fisher = None
         if index is not None and ready[index.layer]:
-            fisher = preconditioner(factors[index.s_offset : index.s_offset + index.rows],
+            fisher = preconditioner(factors[index.s_offset : index.s_offset + p.shape[0]],
                                     factors[index.h_offset : index.h_offset + index.cols],
                                     damping, p.shape)
         adafisher_update(p, g, m, t, fisher, lr=lr, beta=beta, weight_decay=wd,

@@ -1,4 +1,5 @@
-"""kernels/layer_statistics.py against the reference statistics and the torch backend."""
+"""adafisher/backends/triton_statistics.py (the kernels per layer kind) against the reference
+statistics and the torch backend."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from kernel_testing import DEVICE, LOW_PRECISION, randn, rel_err
 from torch import nn
 
 from adafisher import statistics
+from adafisher.backends import triton_statistics as layer_statistics
 from adafisher.backends.torch_backend import TorchBackend
 from adafisher.factors import FactorBuffers
-from adafisher.kernels import layer_statistics
 from adafisher.layers import factor_sizes, layer_kind
 
 # (name, layer, input shape, output-gradient shape)
