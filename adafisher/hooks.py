@@ -29,7 +29,7 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
-from . import autograd_statistics
+from . import autograd_statistics, fsdp
 from .backends.base import Backend
 from .factors import FactorBuffers, LayerSlot
 from .layers import LayerKind
@@ -212,6 +212,10 @@ def _gradient_accumulator(module: nn.Module):
     for name in ("weight", "bias"):
         p = getattr(module, name, None)
         if isinstance(p, torch.Tensor) and p.requires_grad:
+            if fsdp.is_sharded(p):
+                # FSDP2 resharded the layer after its forward: the graph used the unsharded
+                # copy, whose accumulator cannot be found from here (unknown: commit).
+                return None
             try:
                 return get_gradient_edge(p).node
             except RuntimeError:
