@@ -501,7 +501,6 @@ class Property:
     fixed_backends: tuple[str, ...] = tuple(BACKENDS)  # the backends on which it fails here
 
 
-GPUSTATS = "gpustats"
 
 PROPERTIES = [
     Property("right_direction_contiguous", right_direction_contiguous),
@@ -510,7 +509,7 @@ PROPERTIES = [
     Property("param_groups_lr_and_weight_decay", param_groups_lr_and_weight_decay),
     Property("none_grads_and_frozen_layers", none_grads_and_frozen_layers),
     Property("zero_size_parameters", zero_size_parameters),
-    Property("zero_size_factored_layer", zero_size_factored_layer, GPUSTATS),
+    Property("zero_size_factored_layer", zero_size_factored_layer),
     Property("mixed_dtypes", mixed_dtypes),
     Property("default_dtype_float64", default_dtype_float64),
     Property("zero_grads_change_nothing", zero_grads_change_nothing),
