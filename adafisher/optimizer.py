@@ -68,7 +68,8 @@ class AdaFisher(torch.optim.Optimizer):
         gammas: ``(γ₁, γ₂)``: blend ``factor ← (1−γ₁)·factor + γ₂·normalized``, each in [0, 1].
         factor_interval: statistics are taken before every ``factor_interval``-th step (≥ 1).
         weight_decay: L2 penalty coefficient (≥ 0); decoupled in ``AdaFisherW``.
-        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"`` (the compiled
+            kernels of ``adafisher._C``; ``"auto"`` picks them on CPU when they are built).
     """
 
     decoupled_weight_decay = False
@@ -203,7 +204,7 @@ class AdaFisher(torch.optim.Optimizer):
     # --------------------------------------------------------------------------- public API
     @property
     def backend(self) -> str:
-        """The backend in use (``"torch"`` or ``"triton"``)."""
+        """The backend in use (``"torch"``, ``"triton"`` or ``"native"``)."""
         return self._backend.name
 
     @property
