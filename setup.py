@@ -21,6 +21,8 @@ from pathlib import Path
 
 from setuptools import setup
 
+TORCH_VERSION_FILE = "_C.torch_version"
+
 
 def _flag(name):
     value = os.environ.get(name, "").strip()
@@ -85,6 +87,19 @@ def native_extensions():
                     raise
                 _note(f"building adafisher._C failed ({exc}); installing without it")
                 self.extensions = []
+                return
+            self._write_torch_version()
+
+        def copy_extensions_to_source(self):
+            super().copy_extensions_to_source()  # inplace / editable: beside the source too
+            self._write_torch_version()
+
+        def _write_torch_version(self):
+            # The torch it was built against: adafisher/ops.py refuses to load the extension
+            # into another torch (a C++ ABI mismatch crashes instead of failing cleanly).
+            for built in self.extensions:
+                sidecar = Path(self.get_ext_fullpath(built.name)).with_name(TORCH_VERSION_FILE)
+                sidecar.write_text(torch.__version__)
 
         def get_outputs(self):
             return super().get_outputs() if self.extensions else []

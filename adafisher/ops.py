@@ -29,7 +29,9 @@ with nothing pending it changes nothing.
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -164,6 +166,14 @@ _LIB.impl("update_factors", update_factors_reference, "CompositeExplicitAutograd
 # --------------------------------------------------------------------- native extension
 def _load_native() -> str | None:
     """Import ``adafisher._C`` (registers the CPU/CUDA kernels); the reason when it cannot."""
+    spec = importlib.util.find_spec(f"{__package__}._C")
+    if spec is None or spec.origin is None:
+        return "adafisher._C was not built"
+    built_for = Path(spec.origin).with_name("_C.torch_version")
+    if built_for.is_file() and built_for.read_text().strip() != torch.__version__:
+        # Loading it would register kernels compiled against another torch's C++ ABI.
+        return (f"adafisher._C was built for torch {built_for.read_text().strip()}, this is "
+                f"torch {torch.__version__}; rebuild it")
     try:
         from . import _C  # noqa: F401, PLC0415
     except ImportError as exc:
