@@ -21,6 +21,7 @@ from .backends.base import Backend, GroupStep
 from .factors import FactorBuffers
 from .hooks import StatisticsCollector, TrackedLayer
 from .layers import FactorIndex, factor_sizes, layer_kind, parameter_roles
+from .step_plan import StepPlan
 
 _GROUP_HYPERPARAMETERS = ("lr", "beta", "damping", "weight_decay")
 # Keys that configure the whole optimizer, or belong to other optimizers: refusing them in a
@@ -116,6 +117,7 @@ class AdaFisher(torch.optim.Optimizer):
         self._factor_index: dict[int, tuple[FactorIndex, FactorBuffers]] = {}  # id(param) → …
         self._factor_step = 0  # optimizer steps taken (SPEC §4 counts them from 0)
         self._collector: StatisticsCollector | None = None
+        self._plan: StepPlan | None = None  # the native backend's cached step arguments
         super().__init__(params, defaults)
         # The hooks hold the collector, not the optimizer: removing them when the optimizer
         # goes away needs no reference back to it.
@@ -156,6 +158,8 @@ class AdaFisher(torch.optim.Optimizer):
         if self._backend is None:
             self._backend = resolve_backend(self._backend_request, {p.device for p in params})
             self._collector = StatisticsCollector(self._backend)
+            if self._backend.name == "native":
+                self._plan = StepPlan()
         return self._backend
 
     def _track_parameters(self, params: list[torch.Tensor]) -> None:
@@ -250,13 +254,18 @@ class AdaFisher(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        takes_statistics = self._factor_step % self.factor_interval == 0
+        distributed_run = distributed.world_size() > 1
         for buffers in self._buffers.values():
-            if takes_statistics and distributed.world_size() > 1:
+            if distributed_run and self._factor_step % self.factor_interval == 0:
                 distributed.all_reduce_pending(buffers)
-            if buffers.has_pending:
+            # The planned (native) path launches the update unconditionally: it does nothing
+            # when nothing is pending, and no host flag decides what a traced step runs.
+            if self._plan is not None or buffers.has_pending:
                 self._backend.update_factors(buffers, self.gammas)
         for group in self.param_groups:
+            if self._plan is not None:
+                self._plan.step(self, group, self.decoupled_weight_decay)
+                continue
             work = self._group_step(group)
             if work.params:
                 self._backend.step(work)

@@ -27,9 +27,9 @@ class NativeBackend(TorchBackend):
     name = "native"
 
     def __init__(self) -> None:
-        # Per FactorBuffers (by identity): its segment offsets on its device, rebuilt only
-        # when layers are added.
-        self._segment_offsets: dict[int, tuple[int, torch.Tensor]] = {}
+        # (buffers, layer count, its segment offsets on its device), rebuilt only when layers
+        # are added. A list searched by identity: FactorBuffers is unhashable.
+        self._segment_offsets: list[tuple[FactorBuffers, int, torch.Tensor]] = []
 
     @classmethod
     def create(cls, devices: Iterable[torch.device]) -> NativeBackend:
@@ -45,14 +45,18 @@ class NativeBackend(TorchBackend):
         return cls()
 
     def segment_offsets(self, buffers: FactorBuffers) -> torch.Tensor:
-        cached = self._segment_offsets.get(id(buffers))
-        if cached is None or cached[0] != len(buffers.slots):
-            bounds = [0]
-            for slot in buffers.slots:
-                bounds += [slot.s_offset, slot.s_offset + slot.s_len]
-            offsets = torch.tensor(bounds, dtype=torch.int64, device=buffers.device)
-            cached = self._segment_offsets[id(buffers)] = (len(buffers.slots), offsets)
-        return cached[1]
+        for i, (known, n_layers, offsets) in enumerate(self._segment_offsets):
+            if known is buffers:
+                if n_layers == len(buffers.slots):
+                    return offsets
+                del self._segment_offsets[i]
+                break
+        bounds = [0]
+        for slot in buffers.slots:
+            bounds += [slot.s_offset, slot.s_offset + slot.s_len]
+        offsets = torch.tensor(bounds, dtype=torch.int64, device=buffers.device)
+        self._segment_offsets.append((buffers, len(buffers.slots), offsets))
+        return offsets
 
     def update_factors(self, buffers: FactorBuffers, gammas: Sequence[float]) -> None:
         torch.ops.adafisher.update_factors(
