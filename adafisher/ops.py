@@ -186,10 +186,11 @@ _WARNED = False
 
 
 def native_available(device_type: str = "cpu") -> bool:
-    """Whether the compiled kernels of ``adafisher._C`` serve ``device_type`` ("cpu"/"cuda")."""
+    """Whether the compiled kernels of ``adafisher._C`` serve ``device_type`` ("cpu",
+    "cuda"; "meta" runs the fake implementations)."""
     if _NATIVE_ERROR is not None:
         return False
-    if device_type == "cpu":
+    if device_type in ("cpu", "meta"):  # meta: the fakes (shapes only, e.g. host timing)
         return True
     if device_type == "cuda":
         from . import _C  # noqa: PLC0415
