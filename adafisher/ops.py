@@ -14,6 +14,7 @@ floats only. Each op has
 ``s_offsets[i]`` (``rows[i]`` entries) and ``h_offsets[i]`` (``numel / rows`` entries), or
 ``F = 1`` when ``layers[i] < 0`` or that layer's two segments are not both ``blended`` yet::
 
+    g ← −g                               (maximize)
     g ← g + wd·p                         (L2, not decoupled)
     m ← β·m + (1−β)·g
     p ← p·(1 − lr·wd)                    (decoupled)
@@ -40,7 +41,8 @@ _LIB = torch.library.Library("adafisher", "DEF")  # noqa: TOR901 - schemas need 
 _LIB.define(
     "fused_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor[] steps, "
     "Tensor factors, Tensor blended, int[] layers, int[] h_offsets, int[] s_offsets, "
-    "int[] rows, Tensor lr, float beta, float damping, float weight_decay, bool decoupled) -> ()"
+    "int[] rows, Tensor lr, float beta, float damping, float weight_decay, bool decoupled, "
+    "bool maximize) -> ()"
 )
 _LIB.define(
     "update_factors(Tensor(a!) factors, Tensor(b!) pending, Tensor(c!) pending_count, "
@@ -53,7 +55,7 @@ _LIB.define(
 @torch.library.register_fake("adafisher::fused_step")
 def _fused_step_fake(
     params, grads, exp_avgs, steps, factors, blended, layers, h_offsets, s_offsets, rows, lr,
-    beta, damping, weight_decay, decoupled,
+    beta, damping, weight_decay, decoupled, maximize,
 ) -> None:
     return None
 
@@ -87,6 +89,7 @@ def fused_step_reference(
     damping: float,
     weight_decay: float,
     decoupled: bool,
+    maximize: bool,
 ) -> None:
     """The update in plain PyTorch ops (the same arithmetic as ``functional.adafisher_update``),
     choosing F on the device: no host read of ``blended``, ``steps`` or ``lr``."""
@@ -97,6 +100,8 @@ def fused_step_reference(
         p = param.to(dtype)
         m = exp_avgs[i].to(dtype)
         g = grads[i].to(dtype)
+        if maximize:
+            g = -g
         if weight_decay != 0 and not decoupled:
             g = g.add(p, alpha=weight_decay)
         m.mul_(beta).add_(g, alpha=1 - beta)

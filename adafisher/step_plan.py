@@ -74,6 +74,7 @@ class StepPlan:
                 launch.steps, launch.factors, launch.blended, launch.layers, launch.h_offsets,
                 launch.s_offsets, launch.rows, lr_tensor, float(group["beta"]),
                 float(group["damping"]), float(group["weight_decay"]), decoupled,
+                bool(group.get("maximize", False)),
             )
 
 

@@ -4,12 +4,14 @@ Three measures, each interleaved round by round (variant order rotated every rou
 pinned; reported as the median of the paired per-round ratios with p10–p90:
 
 1. ``linear200``: 200 × Linear(64, 64) (batch 8 for the one backward that blends the factors;
-   the timed steps use fixed random gradients of normal magnitude), ``optimizer.step()`` time: AdaFisher torch backend (before) and native
-   (after) against ``Adam(fused=True)`` and ``Adam(foreach=True)``.
+   the timed steps reuse fixed random gradients of normal magnitude), ``optimizer.step()``
+   time: AdaFisher torch backend (before) and native (after) against ``Adam(fused=True)`` and
+   ``Adam(foreach=True)``.
 2. ``linear4096``: one Linear(4096, 4096) step, same variants against ``Adam(fused=True)``.
-3. ``resnet50_host``: host time of ``step()`` for ResNet-50's 161 parameters on the meta device
-   (every kernel is a shapes-only no-op): the generic per-parameter path (before: the front-end
-   walks every parameter, one ``.item()`` each) against the cached step plan (after).
+3. ``resnet50_host``: host time of ``step()`` for ResNet-50's 161 parameters at width 1 (the
+   kernels have almost nothing to do): the torch backend (before), the native op behind the
+   generic per-parameter front-end (one ``.item()`` per parameter), and the cached step plan
+   (after); fused Adam for scale.
 
     python bench/native_step.py --out results
     python bench/native_step.py --quick --out /tmp/r    # few rounds: checks the script
@@ -103,20 +105,26 @@ def _in_features(model: nn.Module) -> int:
 
 
 def _resnet50_host(adafisher, rounds: int, inner: int) -> dict[str, Any]:
+    """ResNet-50's 161 parameters at width 1 on CPU: the kernels have (almost) nothing to do,
+    so the time is the host's (the meta device would time Python fake kernels instead)."""
     steps = {}
-    for name in ("generic_path", "step_plan"):
-        with torch.device("meta"):
-            model = resnet50()
-        opt = adafisher.AdaFisher(model, backend="native")
-        for p in model.parameters():
-            p.grad = torch.empty_like(p)
+    model = resnet50(width=1, classes=10)
+    for name in ("torch_backend", "generic_path", "step_plan", "adam_fused"):
+        m = copy.deepcopy(model)
+        if name == "adam_fused":
+            opt = torch.optim.Adam(m.parameters(), fused=True)
+        else:
+            opt = adafisher.AdaFisher(m, backend="torch" if name == "torch_backend" else "native")
+        for p in m.parameters():
+            p.grad = torch.randn_like(p)
         if name == "generic_path":
-            opt._plan = None  # the per-parameter front-end (today's code path)
+            opt._plan = None  # the native op behind today's per-parameter front-end
         opt.step()
         steps[name] = opt.step
     n_params = sum(1 for _ in model.parameters())
     samples = _interleave(steps, rounds, inner, warmup=3)
-    return {"parameters": n_params, **_report(samples, ["generic_path"])}
+    return {"parameters": n_params, "elements": sum(p.numel() for p in model.parameters()),
+            **_report(samples, ["torch_backend"])}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -149,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = []
     for measure, reference in (("linear200", "adam_fused"), ("linear200", "adam_foreach"),
                                ("linear4096", "adam_fused"),
-                               ("resnet50_host", "generic_path")):
+                               ("resnet50_host", "torch_backend")):
         for name, q in result[measure][f"ratio_vs_{reference}"].items():
             seconds = result[measure]["seconds"][name]["median"]
             rows.append([measure, name, reference, q["median"], f"{q['p10']:.3g}–{q['p90']:.3g}",

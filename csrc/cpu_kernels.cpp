@@ -25,6 +25,7 @@ struct StepCoefficients {
   opmath_t l2;           // wd when the decay is L2, else 0
   opmath_t decay;        // 1 − lr·wd when decoupled, else 1
   opmath_t neg_step;     // −lr / (1 − βᵗ)
+  bool maximize;
   bool use_l2;
   bool use_decay;
 };
@@ -35,6 +36,7 @@ inline void update_element(scalar_t* p, const scalar_t* g, scalar_t* m, int64_t 
   opmath_t pv = static_cast<opmath_t>(p[i]);
   opmath_t gv = static_cast<opmath_t>(g[i]);
   opmath_t mv = static_cast<opmath_t>(m[i]);
+  if (c.maximize) gv = -gv;
   if (c.use_l2) gv = gv + c.l2 * pv;
   mv = mv * c.beta + c.one_minus_beta * gv;
   if (c.use_decay) pv = pv * c.decay;
@@ -90,7 +92,7 @@ double read_scalar(const at::Tensor& t) {
 template <typename factor_t>
 void step_one(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
               double step, const factor_t* s, const factor_t* h, int64_t rows, double lr,
-              double beta, double damping, double weight_decay, bool decoupled) {
+              double beta, double damping, double weight_decay, bool decoupled, bool maximize) {
   const int64_t numel = param.numel();
   if (numel == 0) return;
   const int64_t cols = s != nullptr ? numel / rows : numel;
@@ -107,6 +109,7 @@ void step_one(const at::Tensor& param, const at::Tensor& grad, const at::Tensor&
     StepCoefficients<opmath_t> c;
     c.beta = static_cast<opmath_t>(beta);
     c.one_minus_beta = static_cast<opmath_t>(1.0 - beta);
+    c.maximize = maximize;
     c.use_l2 = weight_decay != 0 && !decoupled;
     c.use_decay = weight_decay != 0 && decoupled;
     c.l2 = static_cast<opmath_t>(weight_decay);
@@ -129,7 +132,7 @@ void fused_step_typed(at::TensorList params, at::TensorList grads, at::TensorLis
                       at::TensorList steps, const at::Tensor& factors, const at::Tensor& blended,
                       at::IntArrayRef layers, at::IntArrayRef h_offsets,
                       at::IntArrayRef s_offsets, at::IntArrayRef rows, double lr, double beta,
-                      double damping, double weight_decay, bool decoupled) {
+                      double damping, double weight_decay, bool decoupled, bool maximize) {
   const factor_t* f = factors.numel() ? factors.const_data_ptr<factor_t>() : nullptr;
   const bool* ready = blended.numel() ? blended.const_data_ptr<bool>() : nullptr;
   for (size_t i = 0; i < params.size(); ++i) {
@@ -137,7 +140,7 @@ void fused_step_typed(at::TensorList params, at::TensorList grads, at::TensorLis
     const bool has_f = layer >= 0 && ready[2 * layer] && ready[2 * layer + 1];
     step_one<factor_t>(params[i], grads[i], exp_avgs[i], read_scalar(steps[i]),
                        has_f ? f + s_offsets[i] : nullptr, has_f ? f + h_offsets[i] : nullptr,
-                       rows[i], lr, beta, damping, weight_decay, decoupled);
+                       rows[i], lr, beta, damping, weight_decay, decoupled, maximize);
   }
 }
 
@@ -145,7 +148,7 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     at::TensorList steps, const at::Tensor& factors, const at::Tensor& blended,
                     at::IntArrayRef layers, at::IntArrayRef h_offsets, at::IntArrayRef s_offsets,
                     at::IntArrayRef rows, const at::Tensor& lr, double beta, double damping,
-                    double weight_decay, bool decoupled) {
+                    double weight_decay, bool decoupled, bool maximize) {
   check_step_arguments(params, grads, exp_avgs, steps, factors, blended, layers, h_offsets,
                        s_offsets, rows);
   TORCH_CHECK(blended.is_contiguous() && factors.is_contiguous(),
@@ -154,12 +157,13 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   if (factors.scalar_type() == at::kDouble) {
     fused_step_typed<double>(params, grads, exp_avgs, steps, factors, blended, layers,
                              h_offsets, s_offsets, rows, lr_value, beta, damping, weight_decay,
-                             decoupled);
+                             decoupled, maximize);
   } else {
     TORCH_CHECK(factors.scalar_type() == at::kFloat,
                 "adafisher::fused_step: factors must be float32 or float64");
     fused_step_typed<float>(params, grads, exp_avgs, steps, factors, blended, layers, h_offsets,
-                            s_offsets, rows, lr_value, beta, damping, weight_decay, decoupled);
+                            s_offsets, rows, lr_value, beta, damping, weight_decay, decoupled,
+                            maximize);
   }
 }
 

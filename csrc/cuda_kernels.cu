@@ -46,7 +46,8 @@ template <typename scalar_t, typename factor_t>
 __global__ void __launch_bounds__(kStepThreads)
 fused_step_kernel(StepArgs<scalar_t> args, const factor_t* __restrict__ factors,
                   const bool* __restrict__ blended, const double* __restrict__ lr_ptr,
-                  double beta, double damping, double weight_decay, bool decoupled) {
+                  double beta, double damping, double weight_decay, bool decoupled,
+                  bool maximize) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int t = args.block_tensor[blockIdx.x];
   const int64_t start = static_cast<int64_t>(args.block_chunk[blockIdx.x]) * kChunk;
@@ -79,6 +80,7 @@ fused_step_kernel(StepArgs<scalar_t> args, const factor_t* __restrict__ factors,
     opmath_t pv = static_cast<opmath_t>(p[i]);
     opmath_t gv = static_cast<opmath_t>(g[i]);
     opmath_t mv = static_cast<opmath_t>(m[i]);
+    if (maximize) gv = -gv;
     if (use_l2) gv = gv + l2 * pv;
     mv = mv * b + one_minus_b * gv;
     if (use_decay) pv = pv * decay;
@@ -106,14 +108,14 @@ struct StepItem {
 template <typename scalar_t, typename factor_t>
 void launch_step(const std::vector<StepItem>& items, const factor_t* factors,
                  const bool* blended, const double* lr, double beta, double damping,
-                 double weight_decay, bool decoupled) {
+                 double weight_decay, bool decoupled, bool maximize) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   StepArgs<scalar_t> args;
   int n_tensors = 0, n_blocks = 0;
   auto flush = [&] {
     if (n_blocks > 0) {
       fused_step_kernel<scalar_t, factor_t><<<n_blocks, kStepThreads, 0, stream>>>(
-          args, factors, blended, lr, beta, damping, weight_decay, decoupled);
+          args, factors, blended, lr, beta, damping, weight_decay, decoupled, maximize);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     n_tensors = 0;
@@ -150,7 +152,7 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      at::TensorList steps, const at::Tensor& factors, const at::Tensor& blended,
                      at::IntArrayRef layers, at::IntArrayRef h_offsets, at::IntArrayRef s_offsets,
                      at::IntArrayRef rows, const at::Tensor& lr, double beta, double damping,
-                     double weight_decay, bool decoupled) {
+                     double weight_decay, bool decoupled, bool maximize) {
   check_step_arguments(params, grads, exp_avgs, steps, factors, blended, layers, h_offsets,
                        s_offsets, rows);
   if (params.empty()) return;
@@ -193,13 +195,13 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
     using factor_t = decltype(factor_zero);
     const factor_t* f = factors.numel() ? factors.const_data_ptr<factor_t>() : nullptr;
     launch_step<float, factor_t>(by_dtype[0], f, ready, lr_ptr, beta, damping, weight_decay,
-                                 decoupled);
+                                 decoupled, maximize);
     launch_step<at::Half, factor_t>(by_dtype[1], f, ready, lr_ptr, beta, damping, weight_decay,
-                                    decoupled);
+                                    decoupled, maximize);
     launch_step<at::BFloat16, factor_t>(by_dtype[2], f, ready, lr_ptr, beta, damping,
-                                        weight_decay, decoupled);
+                                        weight_decay, decoupled, maximize);
     launch_step<double, factor_t>(by_dtype[3], f, ready, lr_ptr, beta, damping, weight_decay,
-                                  decoupled);
+                                  decoupled, maximize);
   };
   if (factors.scalar_type() == at::kDouble) {
     run(double(0));

@@ -77,7 +77,7 @@ def _case(dtype: torch.dtype, layout: str, device: str, generator: torch.Generat
     return params, grads, exp_avgs, factors, blended, layers, h_offsets, s_offsets, rows
 
 
-def _expected(case, steps, lr, beta, damping, weight_decay, decoupled):
+def _expected(case, steps, lr, beta, damping, weight_decay, decoupled, maximize):
     """The torch backend's update (functional.adafisher_update), parameter by parameter."""
     params, grads, exp_avgs, factors, blended, layers, h_offsets, s_offsets, rows = case
     out_p = [p.clone() for p in params]
@@ -89,7 +89,8 @@ def _expected(case, steps, lr, beta, damping, weight_decay, decoupled):
             cols = p.numel() // rows[i]
             fisher = preconditioner(factors[s_offsets[i] : s_offsets[i] + rows[i]],
                                     factors[h_offsets[i] : h_offsets[i] + cols], damping, p.shape)
-        adafisher_update(p, grads[i], out_m[i], steps[i], fisher, lr=lr, beta=beta,
+        grad = -grads[i] if maximize else grads[i]
+        adafisher_update(p, grad, out_m[i], steps[i], fisher, lr=lr, beta=beta,
                          weight_decay=weight_decay, decoupled=decoupled)
     return out_p, out_m
 
@@ -98,22 +99,23 @@ def _expected(case, steps, lr, beta, damping, weight_decay, decoupled):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("decoupled", [False, True])
-def test_fused_step_matches_torch_backend(implementation, device, layout, dtype, decoupled):
+@pytest.mark.parametrize(("decoupled", "maximize"), [(False, False), (True, False), (False, True)])
+def test_fused_step_matches_torch_backend(implementation, device, layout, dtype, decoupled,
+                                          maximize):
     if implementation == "native" and not NATIVE:
         pytest.skip("adafisher._C is not built")
     generator = torch.Generator().manual_seed(hash((layout, str(dtype), decoupled)) % 2**31)
     case = _case(dtype, layout, device, generator)
     steps = [1 + 3 * i for i in range(len(case[0]))]
     lr, beta, damping, weight_decay = 0.01, 0.9, 1e-3, 0.05
-    want_p, want_m = _expected(case, steps, lr, beta, damping, weight_decay, decoupled)
+    want_p, want_m = _expected(case, steps, lr, beta, damping, weight_decay, decoupled, maximize)
     params, grads, exp_avgs, factors, blended, layers, h_offsets, s_offsets, rows = case
     layouts = [p.stride() for p in params]
     IMPLEMENTATIONS[implementation](
         params, grads, exp_avgs, [torch.tensor(float(s), device=device) for s in steps],
         factors, blended, layers, h_offsets, s_offsets, rows,
         torch.tensor(lr, dtype=torch.float64, device=device), beta, damping, weight_decay,
-        decoupled,
+        decoupled, maximize,
     )
     tol = TOLERANCE[dtype]
     for i in range(len(params)):
@@ -137,7 +139,7 @@ def test_fused_step_large_parameter_runs_in_parallel_chunks():
                      decoupled=False)
     torch.ops.adafisher.fused_step([p], [g], [m], [torch.tensor(7.0)], factors, blended, [0],
                                    [0], [cols], [rows], torch.tensor(0.1, dtype=torch.float64),
-                                   0.8, 1e-3, 0.0, False)
+                                   0.8, 1e-3, 0.0, False, False)
     torch.testing.assert_close(p, want_p, rtol=2e-6, atol=2e-6)
     torch.testing.assert_close(m, want_m)
 
@@ -220,7 +222,7 @@ def test_ops_have_fakes_and_mutation_annotations():
     torch.ops.adafisher.fused_step(
         [p], [p.clone()], [p.clone()], [torch.empty((), device=meta)],
         torch.empty(7, device=meta), torch.empty(2, dtype=torch.bool, device=meta), [0], [0], [4],
-        [3], torch.empty((), dtype=torch.float64, device=meta), 0.9, 1e-3, 0.0, False,
+        [3], torch.empty((), dtype=torch.float64, device=meta), 0.9, 1e-3, 0.0, False, False,
     )
     torch.library.opcheck(
         torch.ops.adafisher.update_factors.default,

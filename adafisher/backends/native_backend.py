@@ -125,5 +125,5 @@ class _Launch:
         torch.ops.adafisher.fused_step(
             self.params, self.grads, self.exp_avgs, steps, factors, blended, self.layers,
             self.h_offsets, self.s_offsets, self.rows, lr, group.beta, group.damping,
-            group.weight_decay, group.decoupled,
+            group.weight_decay, group.decoupled, bool(getattr(group, "maximize", False)),
         )
