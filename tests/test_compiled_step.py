@@ -61,3 +61,49 @@ def test_compiled_step_matches_eager_with_scheduler(cls):
     h1, s1 = opts[1].factors("4")
     assert torch.equal(h0, h1) and torch.equal(s0, s1)
     assert not torch.equal(h0, torch.ones_like(h0))  # statistics were blended
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and adafisher.ops.native_available("cuda")),
+                    reason="needs a GPU and the CUDA kernels of adafisher._C")
+def test_cuda_graph_replay_matches_eager():
+    """A captured step() replays with the device step counts and a tensor lr that a schedule
+    changes between replays (what a stale host value would get wrong)."""
+    models = [_model().cuda(), _model().cuda()]
+    opts = [AdaFisherW(m, lr=0.05, weight_decay=0.01, backend="native") for m in models]
+    lrs = [torch.tensor(0.05, dtype=torch.float64, device="cuda") for _ in opts]
+    for opt, lr in zip(opts, lrs):
+        opt.param_groups[0]["lr"] = lr
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    for model in models:  # static gradient tensors, refilled before every step
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+
+    def refill(step: int) -> None:
+        generator.manual_seed(step)
+        noise = [torch.randn(p.shape, device="cuda", generator=generator)
+                 for p in models[0].parameters()]
+        for model in models:
+            for p, n in zip(model.parameters(), noise):
+                p.grad.copy_(n)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for step in range(3):  # warm up (state, plan) on both, identically
+            refill(step)
+            for opt in opts:
+                opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opts[1].step()
+    # Capturing ran nothing: models[1] is still where models[0] is.
+    for step in range(3, 23):
+        refill(step)
+        for lr in lrs:
+            lr.fill_(0.05 * 0.9 ** step)
+        opts[0].step()
+        graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
