@@ -9,8 +9,8 @@ floats only. Each op has
 - native kernels for CPU and CUDA from the optional C++/CUDA extension ``adafisher._C``
   (``csrc/``), registered with ``TORCH_LIBRARY_IMPL`` when the extension is imported below.
 
-``fused_step`` (SPEC §5–§6), for every parameter ``i`` of one group: with ``t = steps[i]``
-(already counted for this step) and ``F = S ⊗ H + damping`` read from ``factors`` at
+``fused_step`` (SPEC §5–§6), for every parameter ``i`` of one group: it counts the step
+(``steps[i] += 1``), then with ``t = steps[i]`` and ``F = S ⊗ H + damping`` read from ``factors`` at
 ``s_offsets[i]`` (``rows[i]`` entries) and ``h_offsets[i]`` (``numel / rows`` entries), or
 ``F = 1`` when ``layers[i] < 0`` or that layer's two segments are not both ``blended`` yet::
 
@@ -39,7 +39,7 @@ import torch
 _LIB = torch.library.Library("adafisher", "DEF")  # noqa: TOR901 - schemas need a DEF library
 
 _LIB.define(
-    "fused_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor[] steps, "
+    "fused_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] steps, "
     "Tensor factors, Tensor blended, int[] layers, int[] h_offsets, int[] s_offsets, "
     "int[] rows, Tensor lr, float beta, float damping, float weight_decay, bool decoupled, "
     "bool maximize) -> ()"
@@ -106,6 +106,7 @@ def fused_step_reference(
             g = g.add(p, alpha=weight_decay)
         m.mul_(beta).add_(g, alpha=1 - beta)
         lr_value = lr.to(device=param.device, dtype=torch.float64)
+        steps[i].add_(1)
         bias = 1 - torch.pow(beta, steps[i].to(device=param.device, dtype=torch.float64))
         step_size = (lr_value / bias).to(dtype)
         if weight_decay != 0 and decoupled:

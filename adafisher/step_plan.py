@@ -3,8 +3,8 @@
 Per parameter group, the ``adafisher::fused_step`` argument lists (momenta, step-count tensors,
 factor offsets) are built once and rebuilt only when the set of parameters that have a gradient
 changes, or the optimizer's state is replaced (``load_state_dict``). A steady-state step then
-reads each parameter's ``.grad`` (new tensors after ``zero_grad(set_to_none=True)``), adds 1 to
-every step count in one foreach op, writes lr into a tensor, and launches one op per device:
+reads each parameter's ``.grad`` (new tensors after ``zero_grad(set_to_none=True)``), writes lr
+into a tensor, and launches one op per device (which also counts the step):
 no per-parameter ``.item()``, no host read of device data, nothing a CUDA graph would replay
 with stale values except a float ``lr`` (set ``group["lr"]`` to a tensor for that, as with
 ``torch.optim``'s ``capturable=True``).
@@ -44,7 +44,7 @@ class GroupPlan:
     has_grad: tuple[bool, ...]
     state: Any  # the optimizer's state mapping the plan was built from (by identity)
     launches: list[DeviceLaunch]
-    steps: list[torch.Tensor]  # every step count of the group, for one foreach add
+    steps: list[torch.Tensor]  # every step count of the group
     buffers: list[tuple[FactorBuffers, torch.Tensor]]  # factors the launches read (grow → new)
 
 
@@ -62,7 +62,6 @@ class StepPlan:
             plan = self._groups[id(params)] = _build(optimizer, params, grads, has_grad)
         if not plan.steps:
             return
-        torch._foreach_add_(plan.steps, 1)
         lr = group["lr"]
         for launch in plan.launches:
             if isinstance(lr, torch.Tensor):

@@ -81,6 +81,17 @@ void update_range(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
   }
 }
 
+// steps[i] += 1, returning the new count (the hot case, a CPU float32 scalar, in place).
+double advance_step(const at::Tensor& t) {
+  if (t.device().is_cpu() && t.numel() == 1 && t.scalar_type() == at::kFloat) {
+    float* count = t.mutable_data_ptr<float>();
+    *count += 1.0f;
+    return *count;
+  }
+  t.add_(1);
+  return t.item<double>();
+}
+
 double read_scalar(const at::Tensor& t) {
   if (t.device().is_cpu() && t.numel() == 1) {
     if (t.scalar_type() == at::kFloat) return *t.const_data_ptr<float>();
@@ -138,7 +149,7 @@ void fused_step_typed(at::TensorList params, at::TensorList grads, at::TensorLis
   for (size_t i = 0; i < params.size(); ++i) {
     const int64_t layer = layers[i];
     const bool has_f = layer >= 0 && ready[2 * layer] && ready[2 * layer + 1];
-    step_one<factor_t>(params[i], grads[i], exp_avgs[i], read_scalar(steps[i]),
+    step_one<factor_t>(params[i], grads[i], exp_avgs[i], advance_step(steps[i]),
                        has_f ? f + s_offsets[i] : nullptr, has_f ? f + h_offsets[i] : nullptr,
                        rows[i], lr, beta, damping, weight_decay, decoupled, maximize);
   }

@@ -8,6 +8,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_foreach_add.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -163,6 +164,11 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   TORCH_CHECK(blended.numel() == 0 || (blended.device() == device && blended.is_contiguous()),
               "adafisher::fused_step: blended must be a contiguous tensor on ", device);
   const at::Tensor lr_device = lr.to(device, at::kDouble);  // no copy when it already is
+  for (const at::Tensor& step : steps) {
+    TORCH_CHECK(step.device() == device && step.scalar_type() == at::kFloat,
+                "adafisher::fused_step: step counts must be float32 tensors on ", device);
+  }
+  at::_foreach_add_(steps, 1);  // one launch: the kernels read the new counts
 
   std::vector<std::vector<StepItem>> by_dtype(4);  // float, half, bfloat16, double
   for (size_t i = 0; i < params.size(); ++i) {
@@ -170,7 +176,7 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
     TORCH_CHECK(param.device() == device, "adafisher::fused_step: parameters on several devices");
     const bool tracked = layers[i] >= 0;
     const int64_t cols = tracked ? param.numel() / rows[i] : param.numel();
-    StepItem item{param, grads[i], exp_avgs[i], steps[i].to(device, at::kFloat), layers[i],
+    StepItem item{param, grads[i], exp_avgs[i], steps[i], layers[i],
                   cols, 0, h_offsets[i], s_offsets[i], at::Tensor(), at::Tensor()};
     item.inner = fused_inner(param, grads[i], exp_avgs[i], tracked ? cols : -1);
     if (item.inner < 0) {

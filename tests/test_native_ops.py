@@ -111,8 +111,9 @@ def test_fused_step_matches_torch_backend(implementation, device, layout, dtype,
     want_p, want_m = _expected(case, steps, lr, beta, damping, weight_decay, decoupled, maximize)
     params, grads, exp_avgs, factors, blended, layers, h_offsets, s_offsets, rows = case
     layouts = [p.stride() for p in params]
+    counts = [torch.tensor(float(s - 1), device=device) for s in steps]  # the op counts +1
     IMPLEMENTATIONS[implementation](
-        params, grads, exp_avgs, [torch.tensor(float(s), device=device) for s in steps],
+        params, grads, exp_avgs, counts,
         factors, blended, layers, h_offsets, s_offsets, rows,
         torch.tensor(lr, dtype=torch.float64, device=device), beta, damping, weight_decay,
         decoupled, maximize,
@@ -122,6 +123,7 @@ def test_fused_step_matches_torch_backend(implementation, device, layout, dtype,
         assert params[i].stride() == layouts[i]  # updated in place, layout kept
         torch.testing.assert_close(params[i], want_p[i], rtol=tol, atol=tol)
         torch.testing.assert_close(exp_avgs[i], want_m[i], rtol=tol, atol=tol)
+    assert [c.item() for c in counts] == steps
 
 
 @needs_native
@@ -137,7 +139,7 @@ def test_fused_step_large_parameter_runs_in_parallel_chunks():
     fisher = preconditioner(factors[cols:], factors[:cols], 1e-3, p.shape)
     adafisher_update(want_p, g, want_m, 7, fisher, lr=0.1, beta=0.8, weight_decay=0.0,
                      decoupled=False)
-    torch.ops.adafisher.fused_step([p], [g], [m], [torch.tensor(7.0)], factors, blended, [0],
+    torch.ops.adafisher.fused_step([p], [g], [m], [torch.tensor(6.0)], factors, blended, [0],
                                    [0], [cols], [rows], torch.tensor(0.1, dtype=torch.float64),
                                    0.8, 1e-3, 0.0, False, False)
     torch.testing.assert_close(p, want_p, rtol=2e-6, atol=2e-6)
@@ -211,7 +213,7 @@ def test_update_factors_matches_torch_backend(implementation, device, dtype):
 def test_ops_have_fakes_and_mutation_annotations():
     step = torch.ops.adafisher.fused_step.default._schema
     mutated = {a.name for a in step.arguments if a.alias_info is not None and a.alias_info.is_write}
-    assert mutated == {"params", "exp_avgs"}
+    assert mutated == {"params", "exp_avgs", "steps"}
     update = torch.ops.adafisher.update_factors.default._schema
     mutated = {a.name for a in update.arguments
                if a.alias_info is not None and a.alias_info.is_write}

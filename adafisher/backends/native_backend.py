@@ -120,7 +120,8 @@ class _Launch:
         else:
             factors = torch.empty(0, device=device)
             blended = torch.empty(0, device=device, dtype=torch.bool)
-        steps = torch.tensor(self.steps, dtype=torch.float32, device=device).unbind()
+        # The op counts the step itself: it gets the counts before this step.
+        steps = torch.tensor(self.steps, dtype=torch.float32, device=device).sub_(1).unbind()
         lr = torch.tensor(group.lr, dtype=torch.float64, device=device)
         torch.ops.adafisher.fused_step(
             self.params, self.grads, self.exp_avgs, steps, factors, blended, self.layers,
