@@ -36,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-_LIB = torch.library.Library("adafisher", "DEF")  # noqa: TOR901 - schemas need a DEF library
+# A fragment: other modules (e.g. torch.library.triton_op wrappers) may add ops to the namespace.
+_LIB = torch.library.Library("adafisher", "FRAGMENT")  # noqa: TOR901
 
 _LIB.define(
     "fused_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] steps, "

@@ -13,6 +13,15 @@ from adafisher import AdaFisher, AdaFisherW
 pytestmark = pytest.mark.skipif(not adafisher.native_available(), reason="adafisher._C not built")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Compiled frames and dynamo's global counters must not leak into later tests."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+
+
 def _model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
@@ -41,7 +50,6 @@ def test_step_is_one_graph_without_breaks():
 
 @pytest.mark.parametrize("cls", [AdaFisher, AdaFisherW])
 def test_compiled_step_matches_eager_with_scheduler(cls):
-    torch._dynamo.reset()
     models = [_model(), _model()]
     opts = [cls(m, lr=0.05, weight_decay=0.01, factor_interval=2, gammas=(0.3, 0.3))
             for m in models]
