@@ -22,6 +22,7 @@ from .factors import FactorBuffers
 from .hooks import StatisticsCollector, TrackedLayer, live_hook_on
 from .layers import FactorIndex, factor_sizes, layer_kind, parameter_roles
 from .module_names import named_modules
+from .step_plan import StepPlan
 from .validation import (
     GroupChecker,
     check_group_hyperparameters,
@@ -55,7 +56,8 @@ class AdaFisher(torch.optim.Optimizer):
         gammas: ``(γ₁, γ₂)``: blend ``factor ← (1−γ₁)·factor + γ₂·normalized``, each in [0, 1].
         factor_interval: statistics are taken before every ``factor_interval``-th step (≥ 1).
         weight_decay: L2 penalty coefficient (≥ 0); decoupled in ``AdaFisherW``.
-        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"`` (the compiled
+            kernels of ``adafisher._C``; ``"auto"`` picks them on CPU when they are built).
         maximize: maximize the objective (the gradient's sign is flipped), as in ``torch.optim``.
 
     A param group's ``momentum`` (written by ``OneCycleLR``/``CyclicLR`` when they cycle
@@ -112,6 +114,7 @@ class AdaFisher(torch.optim.Optimizer):
         self._already_hooked: list[str] = []  # layers another live optimizer hooks too
         self._group_checker = GroupChecker()
         self._unfed_warned: set[str] = set()  # tracked layers already warned about
+        self._plan: StepPlan | None = None  # the native backend's cached step arguments
         # "momentum" in defaults tells OneCycleLR/CyclicLR that momentum can be cycled; groups
         # carry it only once a scheduler writes it (see GroupChecker).
         defaults["momentum"] = beta
@@ -164,6 +167,8 @@ class AdaFisher(torch.optim.Optimizer):
         super().add_param_group(group)
         group.pop("momentum", None)  # from defaults; only a scheduler sets it (GroupChecker)
         self._track_parameters(params)
+        if self._plan is not None and any(fsdp.is_sharded(p) for p in params):
+            self._plan = None  # FSDP2 shards: the per-group path steps their local tensors
         if hasattr(self, "_finalizer"):  # after construction (the constructor warns itself)
             self._warn_if_already_hooked()
 
@@ -181,6 +186,8 @@ class AdaFisher(torch.optim.Optimizer):
         if self._backend is None:
             self._backend = resolve_backend(self._backend_request, {p.device for p in params})
             self._collector = StatisticsCollector(self._backend)
+            if self._backend.name == "native":
+                self._plan = StepPlan()
         return self._backend
 
     def _track_parameters(self, params: list[torch.Tensor]) -> None:
@@ -255,7 +262,7 @@ class AdaFisher(torch.optim.Optimizer):
     # --------------------------------------------------------------------------- public API
     @property
     def backend(self) -> str:
-        """The backend in use (``"torch"`` or ``"triton"``)."""
+        """The backend in use (``"torch"``, ``"triton"`` or ``"native"``)."""
         return self._backend.name
 
     @property
@@ -303,34 +310,47 @@ class AdaFisher(torch.optim.Optimizer):
                 loss = closure()
         # Everything that can refuse the step is checked before anything changes.
         self._group_checker.check(self.param_groups)
-        work = [self._group_step(group) for group in self.param_groups]
-        if not any(w.params for w in work):
-            return loss  # no gradients: nothing changes, the statistics schedule included
+        work = None
+        if self._plan is None:
+            work = [self._group_step(group) for group in self.param_groups]
+            if not any(w.params for w in work):
+                return loss  # no gradients: nothing changes, the statistics schedule included
+        elif not any(p.grad is not None for g in self.param_groups for p in g["params"]):
+            return loss
         takes_statistics = self._factor_step % self.factor_interval == 0
+        distributed_run = distributed.world_size() > 1
         for buffers in self._buffers.values():
-            if takes_statistics and distributed.world_size() > 1:
+            if distributed_run and self._factor_step % self.factor_interval == 0:
                 distributed.all_reduce_pending(buffers)
-            if takes_statistics:
-                self._warn_unfed_layers(buffers, work)
-            if buffers.has_pending:
+            if takes_statistics and not torch.compiler.is_compiling():
+                self._warn_unfed_layers(buffers)
+            # The planned (native) path launches the update unconditionally: it does nothing
+            # when nothing is pending, and no host flag decides what a traced step runs.
+            if self._plan is not None or buffers.has_pending:
                 self._backend.update_factors(buffers, self.gammas)
-        for group_work in work:
-            if group_work.params:
-                self._count_steps(group_work)
-                self._backend.step(group_work)
+        if self._plan is not None:
+            for group in self.param_groups:
+                self._plan.step(self, group, self.decoupled_weight_decay)
+        else:
+            for group_work in work:
+                if group_work.params:
+                    self._count_steps(group_work)
+                    self._backend.step(group_work)
         self._factor_step += 1
         self._collector.collecting = self._factor_step % self.factor_interval == 0
         return loss
 
-    def _warn_unfed_layers(self, buffers: FactorBuffers, work: list[GroupStep]) -> None:
+    def _warn_unfed_layers(self, buffers: FactorBuffers) -> None:
         """Tracked means fed: on a statistics step where some layer got statistics, warn once
         about each tracked layer whose parameters have gradients but that got none."""
         if not buffers.has_pending or not self._collector.hooked:
             return
-        with_grads = {
-            index.layer for w in work for index, b in zip(w.indices, w.buffers)
-            if index is not None and b is buffers
-        }
+        with_grads = set()
+        for group in self.param_groups:
+            for p in group["params"]:
+                index, owner = self._factor_index.get(id(p), (None, None))
+                if p.grad is not None and index is not None and owner is buffers:
+                    with_grads.add(index.layer)
         counts = buffers.pending_count.tolist()
         for slot in buffers.slots:
             if slot.index in with_grads and counts[slot.index] == 0 and (

@@ -11,6 +11,8 @@ import math
 import numbers
 from typing import Any
 
+import torch
+
 GROUP_HYPERPARAMETERS = ("lr", "beta", "damping", "weight_decay", "maximize")
 _BETA = 1  # positions in GroupChecker's value tuples
 _MOMENTUM = len(GROUP_HYPERPARAMETERS)
@@ -43,7 +45,12 @@ def check_number(
 
 def check_group_hyperparameters(group: dict[str, Any]) -> None:
     """SPEC §6: lr and weight_decay finite ≥ 0, damping finite > 0, beta in [0, 1)."""
-    check_number("lr", group["lr"], 0.0, math.inf)
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):  # a device lr (capturable steps); read once per change
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise TypeError(f"a tensor lr must hold one floating-point value, got {lr!r}")
+        lr = lr.item()
+    check_number("lr", lr, 0.0, math.inf)
     check_number("beta", group["beta"], 0.0, 1.0, high_open=True)
     check_number("damping", group["damping"], 0.0, math.inf, low_open=True)
     check_number("weight_decay", group["weight_decay"], 0.0, math.inf)

@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sets", default="resnet50,transformer", help="comma list of parameter sets")
     p.add_argument("--optimizers", default="adamw_fused,adafisher,adafisherw",
                    help="comma list from: adamw_fused, adafisher, adafisherw")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"))
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "native"))
     p.add_argument("--dtype", type=dtype_arg, default=torch.float32, help="fp32, bf16 or fp16")
     p.add_argument("--repeats", type=common.positive_int, default=20)
     p.add_argument("--warmup", type=common.nonnegative_int, default=3)

@@ -1,0 +1,130 @@
+"""The native backend: the factor update and the step through the ``adafisher`` ops
+(``adafisher/ops.py``), served by the compiled kernels of ``adafisher._C`` (``csrc/``).
+
+One ``fused_step`` call per (group, device) and one ``update_factors`` call per device. The
+statistics of the forward/backward passes are the torch backend's (not fused natively yet).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from .. import ops
+from ..factors import FactorBuffers
+from .base import GroupStep
+from .torch_backend import NORMALIZATION_EPS, TorchBackend
+
+
+def usable_on(devices: Iterable[torch.device]) -> bool:
+    """Whether the compiled kernels serve every device in ``devices``."""
+    devices = set(devices)
+    return bool(devices) and all(ops.native_available(d.type) for d in devices)
+
+
+class NativeBackend(TorchBackend):
+    name = "native"
+
+    def __init__(self) -> None:
+        # (buffers, layer count, its segment offsets on its device), rebuilt only when layers
+        # are added. A list searched by identity: FactorBuffers is unhashable.
+        self._segment_offsets: list[tuple[FactorBuffers, int, torch.Tensor]] = []
+
+    @classmethod
+    def create(cls, devices: Iterable[torch.device]) -> NativeBackend:
+        devices = set(devices)
+        for device in devices:
+            if not ops.native_available(device.type):
+                reason = ops.native_unavailable_reason() or f"not built for {device.type}"
+                raise ValueError(
+                    f"backend='native' has no compiled kernels for parameters on {device} "
+                    f"({reason}); rebuild with `pip install --no-build-isolation -e .`, or use "
+                    "backend='torch' or 'auto'"
+                )
+        return cls()
+
+    def segment_offsets(self, buffers: FactorBuffers) -> torch.Tensor:
+        for i, (known, n_layers, offsets) in enumerate(self._segment_offsets):
+            if known is buffers:
+                if n_layers == len(buffers.slots):
+                    return offsets
+                del self._segment_offsets[i]
+                break
+        bounds = [0]
+        for slot in buffers.slots:
+            bounds += [slot.s_offset, slot.s_offset + slot.s_len]
+        offsets = torch.tensor(bounds, dtype=torch.int64, device=buffers.device)
+        self._segment_offsets.append((buffers, len(buffers.slots), offsets))
+        return offsets
+
+    def update_factors(self, buffers: FactorBuffers, gammas: Sequence[float]) -> None:
+        torch.ops.adafisher.update_factors(
+            buffers.factors, buffers.pending, buffers.pending_count, buffers.blended,
+            buffers.nonfinite, self.segment_offsets(buffers), 1.0 - float(gammas[0]),
+            float(gammas[1]), NORMALIZATION_EPS,
+        )
+        buffers.has_pending = False
+
+    def step(self, group: GroupStep) -> None:
+        # One launch per device; untracked parameters (F = 1) join their device's launch.
+        launches: dict[torch.device, _Launch] = {}
+        for i, param in enumerate(group.params):
+            launch = launches.get(param.device)
+            if launch is None:
+                launch = launches[param.device] = _Launch()
+            index, buffers = group.indices[i], group.buffers[i]
+            if index is not None and launch.buffers not in (None, buffers):
+                # The optimizer keeps one FactorBuffers per device.
+                raise RuntimeError("parameters of one device read two factor buffers")
+            if index is not None:
+                launch.buffers = buffers
+            launch.add(param, group.grads[i], group.exp_avgs[i], group.steps[i], index)
+        for device, launch in launches.items():
+            launch.run(device, group)
+
+
+class _Launch:
+    """The argument lists of one ``fused_step`` call."""
+
+    def __init__(self) -> None:
+        self.buffers: FactorBuffers | None = None
+        self.params: list[torch.Tensor] = []
+        self.grads: list[torch.Tensor] = []
+        self.exp_avgs: list[torch.Tensor] = []
+        self.steps: list[int] = []
+        self.layers: list[int] = []
+        self.h_offsets: list[int] = []
+        self.s_offsets: list[int] = []
+        self.rows: list[int] = []
+
+    def add(self, param, grad, exp_avg, step, index) -> None:
+        self.params.append(param)
+        self.grads.append(grad)
+        self.exp_avgs.append(exp_avg)
+        self.steps.append(step)
+        if index is None:
+            self.layers.append(-1)
+            self.h_offsets.append(0)
+            self.s_offsets.append(0)
+            self.rows.append(1)
+        else:
+            self.layers.append(index.layer)
+            self.h_offsets.append(index.h_offset)
+            self.s_offsets.append(index.s_offset)
+            self.rows.append(index.rows)
+
+    def run(self, device: torch.device, group: GroupStep) -> None:
+        if self.buffers is not None:
+            factors, blended = self.buffers.factors, self.buffers.blended
+        else:
+            factors = torch.empty(0, device=device)
+            blended = torch.empty(0, device=device, dtype=torch.bool)
+        # The op counts the step itself: it gets the counts before this step.
+        steps = torch.tensor(self.steps, dtype=torch.float32, device=device).sub_(1).unbind()
+        lr = torch.tensor(group.lr, dtype=torch.float64, device=device)
+        torch.ops.adafisher.fused_step(
+            self.params, self.grads, self.exp_avgs, steps, factors, blended, self.layers,
+            self.h_offsets, self.s_offsets, self.rows, lr, group.beta, group.damping,
+            group.weight_decay, group.decoupled, bool(getattr(group, "maximize", False)),
+        )

@@ -1,0 +1,131 @@
+"""Cached arguments of the fused step (the native backend's hot path).
+
+Per parameter group, the ``adafisher::fused_step`` argument lists (momenta, step-count tensors,
+factor offsets) are built once and rebuilt only when the set of parameters that have a gradient
+changes, or the optimizer's state is replaced (``load_state_dict``). A steady-state step then
+reads each parameter's ``.grad`` (new tensors after ``zero_grad(set_to_none=True)``), writes lr
+into a tensor, and launches one op per device (which also counts the step):
+no per-parameter ``.item()``, no host read of device data, nothing a CUDA graph would replay
+with stale values except a float ``lr`` (set ``group["lr"]`` to a tensor for that, as with
+``torch.optim``'s ``capturable=True``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .factors import FactorBuffers
+from .layers import FactorIndex
+
+
+@dataclass
+class DeviceLaunch:
+    """The arguments of one ``fused_step`` call (one device of one group)."""
+
+    device: torch.device
+    positions: list[int] = field(default_factory=list)  # into the group's params
+    params: list[torch.Tensor] = field(default_factory=list)
+    exp_avgs: list[torch.Tensor] = field(default_factory=list)
+    steps: list[torch.Tensor] = field(default_factory=list)
+    layers: list[int] = field(default_factory=list)
+    h_offsets: list[int] = field(default_factory=list)
+    s_offsets: list[int] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+    factors: torch.Tensor | None = None
+    blended: torch.Tensor | None = None
+    lr: torch.Tensor | None = None
+
+
+@dataclass
+class GroupPlan:
+    has_grad: tuple[bool, ...]
+    state: Any  # the optimizer's state mapping the plan was built from (by identity)
+    launches: list[DeviceLaunch]
+    steps: list[torch.Tensor]  # every step count of the group
+    buffers: list[tuple[FactorBuffers, torch.Tensor]]  # factors the launches read (grow → new)
+
+
+class StepPlan:
+    def __init__(self) -> None:
+        self._groups: dict[int, GroupPlan] = {}  # id(group["params"]) → plan
+
+    def step(self, optimizer, group: dict[str, Any], decoupled: bool) -> None:
+        params = group["params"]
+        grads = [p.grad for p in params]
+        has_grad = tuple(g is not None for g in grads)
+        plan = self._groups.get(id(params))
+        if (plan is None or plan.has_grad != has_grad or plan.state is not optimizer.state
+                or any(b.factors is not f for b, f in plan.buffers)):
+            plan = self._groups[id(params)] = _build(optimizer, params, grads, has_grad)
+        if not plan.steps:
+            return
+        lr = group["lr"]
+        for launch in plan.launches:
+            if isinstance(lr, torch.Tensor):
+                lr_tensor = lr.to(device=launch.device, dtype=torch.float64)
+            else:
+                lr_tensor = launch.lr.fill_(lr)
+            torch.ops.adafisher.fused_step(
+                launch.params, [grads[i] for i in launch.positions], launch.exp_avgs,
+                launch.steps, launch.factors, launch.blended, launch.layers, launch.h_offsets,
+                launch.s_offsets, launch.rows, lr_tensor, float(group["beta"]),
+                float(group["damping"]), float(group["weight_decay"]), decoupled,
+                bool(group.get("maximize", False)),
+            )
+
+
+# Built eagerly (a graph break under torch.compile on the steps that rebuild, like
+# torch.optim's lazy state initialization); steady-state steps trace into one graph.
+@torch.compiler.disable
+def _build(optimizer, params: list[torch.Tensor], grads: list, has_grad: tuple) -> GroupPlan:
+    factor_index: dict[int, tuple[FactorIndex, FactorBuffers]] = optimizer._factor_index
+    launches: dict[torch.device, DeviceLaunch] = {}
+    read: dict[int, tuple[FactorBuffers, torch.Tensor]] = {}
+    for grad in grads:  # all checked before any state is created: a refused step changes nothing
+        if grad is not None and grad.is_sparse:
+            raise ValueError("AdaFisher does not support sparse gradients (use dense ones)")
+        if grad is not None and grad.is_complex():
+            raise ValueError("AdaFisher does not support complex gradients")
+    for i, p in enumerate(params):
+        grad = grads[i]
+        if grad is None:
+            continue
+        state = optimizer.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if p.device.type != "cpu" and state["step"].device != p.device:
+            state["step"] = state["step"].to(p.device)  # counted on the device (capturable)
+        launch = launches.get(p.device)
+        if launch is None:
+            launch = launches[p.device] = DeviceLaunch(p.device)
+            launch.lr = torch.zeros((), dtype=torch.float64, device=p.device)
+        index, buffers = factor_index.get(id(p), (None, None))
+        launch.positions.append(i)
+        launch.params.append(p)
+        launch.exp_avgs.append(state["exp_avg"])
+        launch.steps.append(state["step"])
+        if index is None:
+            launch.layers.append(-1)
+            launch.h_offsets.append(0)
+            launch.s_offsets.append(0)
+            launch.rows.append(1)
+            continue
+        if launch.factors is not None and launch.factors is not buffers.factors:
+            raise RuntimeError("parameters of one device read two factor buffers")
+        launch.factors, launch.blended = buffers.factors, buffers.blended
+        read[id(buffers)] = (buffers, buffers.factors)
+        launch.layers.append(index.layer)
+        launch.h_offsets.append(index.h_offset)
+        launch.s_offsets.append(index.s_offset)
+        launch.rows.append(index.rows)
+    for launch in launches.values():
+        if launch.factors is None:
+            launch.factors = torch.empty(0, device=launch.device)
+            launch.blended = torch.empty(0, dtype=torch.bool, device=launch.device)
+    steps = [s for launch in launches.values() for s in launch.steps]
+    return GroupPlan(has_grad, optimizer.state, list(launches.values()), steps,
+                     list(read.values()))
