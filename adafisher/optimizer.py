@@ -40,6 +40,13 @@ _FOREIGN = {
 }
 
 
+class StatisticsSchedule:
+    """The optimizer's step counter that decides when statistics are taken."""
+
+    def __init__(self) -> None:
+        self.factor_step = 0
+
+
 class AdaFisher(torch.optim.Optimizer):
     """AdaFisher (ICLR 2025): Adam-style momentum preconditioned by a diagonal
     Kronecker-factored Fisher, ``p ← p − lr/(1−βᵗ) · m / (S ⊗ H + damping)``, L2 weight decay.
@@ -109,7 +116,10 @@ class AdaFisher(torch.optim.Optimizer):
         self._layers: dict[int, TrackedLayer] = {}  # id(module) → its slot
         self._module_order: dict[str, int] = {}  # layer name → position in the model
         self._factor_index: dict[int, tuple[FactorIndex, FactorBuffers]] = {}  # id(param) → …
-        self._factor_step = 0  # optimizer steps taken (SPEC §4 counts them from 0)
+        # Optimizer steps taken (SPEC §4 counts them from 0). Kept on a plain object: under
+        # torch.compile, attribute writes on the optimizer itself are dropped from a traced
+        # step that also runs tensor ops, while writes to other objects are replayed.
+        self._schedule = StatisticsSchedule()
         self._collector: StatisticsCollector | None = None
         self._already_hooked: list[str] = []  # layers another live optimizer hooks too
         self._group_checker = GroupChecker()
@@ -162,7 +172,7 @@ class AdaFisher(torch.optim.Optimizer):
                 raise ValueError("a parameter is listed twice in one param group")
             seen.add(id(p))
         group = {**self.defaults, **param_group, "params": params}
-        check_group_keys(group)
+        check_group_keys(group, capturable_ok=self._ensure_backend(params).name == "native")
         check_group_hyperparameters(group)
         super().add_param_group(group)
         group.pop("momentum", None)  # from defaults; only a scheduler sets it (GroupChecker)
@@ -259,6 +269,14 @@ class AdaFisher(torch.optim.Optimizer):
             )
             self._already_hooked = []
 
+    @property
+    def _factor_step(self) -> int:
+        return self._schedule.factor_step
+
+    @_factor_step.setter
+    def _factor_step(self, value: int) -> None:
+        self._schedule.factor_step = value
+
     # --------------------------------------------------------------------------- public API
     @property
     def backend(self) -> str:
@@ -309,14 +327,16 @@ class AdaFisher(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         # Everything that can refuse the step is checked before anything changes.
-        self._group_checker.check(self.param_groups)
-        work = None
+        self._group_checker.check(self.param_groups, capturable_ok=self._plan is not None)
+        work = plans = None
         if self._plan is None:
             work = [self._group_step(group) for group in self.param_groups]
             if not any(w.params for w in work):
                 return loss  # no gradients: nothing changes, the statistics schedule included
-        elif not any(p.grad is not None for g in self.param_groups for p in g["params"]):
-            return loss
+        else:
+            plans = [self._plan.prepare(self, group) for group in self.param_groups]
+            if not any(plan.steps for plan, _ in plans):
+                return loss
         takes_statistics = self._factor_step % self.factor_interval == 0
         distributed_run = distributed.world_size() > 1
         for buffers in self._buffers.values():
@@ -328,15 +348,15 @@ class AdaFisher(torch.optim.Optimizer):
             # when nothing is pending, and no host flag decides what a traced step runs.
             if self._plan is not None or buffers.has_pending:
                 self._backend.update_factors(buffers, self.gammas)
-        if self._plan is not None:
-            for group in self.param_groups:
-                self._plan.step(self, group, self.decoupled_weight_decay)
+        if plans is not None:
+            for group, (plan, grads) in zip(self.param_groups, plans):
+                self._plan.launch(plan, grads, group, self.decoupled_weight_decay)
         else:
             for group_work in work:
                 if group_work.params:
                     self._count_steps(group_work)
                     self._backend.step(group_work)
-        self._factor_step += 1
+        self._schedule.factor_step += 1
         self._collector.collecting = self._factor_step % self.factor_interval == 0
         return loss
 
@@ -415,6 +435,8 @@ class AdaFisher(torch.optim.Optimizer):
         optimizer, nothing (ValueError). ``gammas`` and ``factor_interval`` come from the
         checkpoint, as each group's ``lr`` does."""
         checkpoint.load_state_dict(self, fsdp.lift_from_param_groups(state_dict))
+        if self._plan is not None:
+            self._plan.forget()  # its cached momenta and step counts were replaced
 
     def __getstate__(self) -> NoReturn:
         raise TypeError(

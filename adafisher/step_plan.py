@@ -52,7 +52,13 @@ class StepPlan:
     def __init__(self) -> None:
         self._groups: dict[int, GroupPlan] = {}  # id(group["params"]) → plan
 
-    def step(self, optimizer, group: dict[str, Any], decoupled: bool) -> None:
+    def forget(self) -> None:
+        """Drop every cached plan (the optimizer's state was replaced, e.g. by a load)."""
+        self._groups.clear()
+
+    def prepare(self, optimizer, group: dict[str, Any]) -> tuple[GroupPlan, list]:
+        """The group's plan and its current gradients, rebuilt (and the gradients checked)
+        when needed; raises before anything is launched."""
         params = group["params"]
         grads = [p.grad for p in params]
         has_grad = tuple(g is not None for g in grads)
@@ -60,6 +66,11 @@ class StepPlan:
         if (plan is None or plan.has_grad != has_grad or plan.state is not optimizer.state
                 or any(b.factors is not f for b, f in plan.buffers)):
             plan = self._groups[id(params)] = _build(optimizer, params, grads, has_grad)
+        return plan, grads
+
+    @staticmethod
+    def launch(plan: GroupPlan, grads: list, group: dict[str, Any], decoupled: bool) -> None:
+        """One ``fused_step`` per device for a prepared group."""
         if not plan.steps:
             return
         lr = group["lr"]
@@ -108,7 +119,7 @@ def _build(optimizer, params: list[torch.Tensor], grads: list, has_grad: tuple) 
         launch.params.append(p)
         launch.exp_avgs.append(state["exp_avg"])
         launch.steps.append(state["step"])
-        if index is None:
+        if index is None or p.numel() == 0:  # nothing to precondition (a zero-size layer)
             launch.layers.append(-1)
             launch.h_offsets.append(0)
             launch.s_offsets.append(0)

@@ -20,7 +20,8 @@ _MOMENTUM = len(GROUP_HYPERPARAMETERS)
 UNSUPPORTED_GROUP_KEYS = {
     "foreach": "AdaFisher chooses its implementation with `backend`",
     "fused": "AdaFisher chooses its implementation with `backend`",
-    "capturable": "CUDA-graph capture of the step is not supported",
+    "capturable": "it needs backend='native', whose step counts and lr live on the device "
+    "(the torch and triton backends read step counts on the host)",
     "differentiable": "the step is not differentiable",
 }
 
@@ -58,8 +59,12 @@ def check_group_hyperparameters(group: dict[str, Any]) -> None:
         raise TypeError(f"maximize must be a bool, got {type(group['maximize']).__name__}")
 
 
-def check_group_keys(group: dict[str, Any]) -> None:
+def check_group_keys(group: dict[str, Any], capturable_ok: bool = False) -> None:
     for key, reason in UNSUPPORTED_GROUP_KEYS.items():
+        # torch.compile marks every group capturable while it traces a step; that is not the
+        # user asking for CUDA-graph capture.
+        if key == "capturable" and (capturable_ok or torch.compiler.is_compiling()):
+            continue
         if group.get(key):
             raise ValueError(f"param group option {key}=True is not supported: {reason}")
 
@@ -82,8 +87,9 @@ class GroupChecker:
             *(group.get(k) for k in UNSUPPORTED_GROUP_KEYS),
         )
 
-    def check(self, groups: list[dict[str, Any]]) -> None:
-        """Raises before anything is changed if any group is invalid."""
+    def check(self, groups: list[dict[str, Any]], capturable_ok: bool = False) -> None:
+        """Raises before anything is changed if any group is invalid; ``capturable_ok``: the
+        backend's step can be captured in a CUDA graph."""
         updates = []
         for group in groups:
             values = self._values(group)
@@ -101,7 +107,7 @@ class GroupChecker:
                         f"different values ({group['beta']} and {momentum})"
                     )
                 candidate["beta"] = momentum if momentum_changed else group["beta"]
-            check_group_keys(candidate)
+            check_group_keys(candidate, capturable_ok)
             check_group_hyperparameters(candidate)
             updates.append((group, candidate))
         for group, candidate in updates:

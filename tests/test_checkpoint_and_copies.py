@@ -362,7 +362,7 @@ def test_gammas_and_factor_interval_are_saved_and_restored_on_load():
     assert state["adafisher"]["factor_interval"] == 3
     model = make_model(seed=6)
     model.load_state_dict(source_model.state_dict())
-    opt = AdaFisher(model)  # the defaults: (0.92, 0.008), every 100 steps
+    opt = AdaFisher(model, backend="torch")  # the defaults: (0.92, 0.008), every 100 steps
     opt.load_state_dict(state)
     copy_gradients(source_model, model)
     assert opt.gammas == (0.3, 0.2) and opt.factor_interval == 3

@@ -13,6 +13,7 @@ import torch
 from test_trajectory import SmallNet, batches
 from torch import nn
 
+import adafisher
 from adafisher import AdaFisher, AdaFisherW
 
 import definitions as ref
@@ -265,8 +266,19 @@ def test_group_values_changed_after_construction_are_checked_at_step(key, value,
 def test_unsupported_torch_group_options_are_refused(key):
     model = nn.Linear(3, 2)
     with pytest.raises(ValueError, match=f"{key}=True is not supported"):
-        AdaFisher(model, [{"params": model.parameters(), key: True}])
-    AdaFisher(model, [{"params": model.parameters(), key: False}])  # the no-op value is fine
+        AdaFisher(model, [{"params": model.parameters(), key: True}], backend="torch")
+    # the no-op value is fine
+    AdaFisher(model, [{"params": model.parameters(), key: False}], backend="torch")
+
+
+@pytest.mark.skipif(not adafisher.native_available(), reason="adafisher._C not built")
+def test_capturable_is_accepted_by_the_native_backend():
+    model = nn.Linear(3, 2)
+    opt = AdaFisher(model, [{"params": model.parameters(), "capturable": True}],
+                    backend="native")
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    assert opt.param_groups[0]["capturable"] is True
 
 
 # ------------------------------------------------------------------- float64 (issue 9.4)

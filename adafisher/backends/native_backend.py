@@ -103,7 +103,7 @@ class _Launch:
         self.grads.append(grad)
         self.exp_avgs.append(exp_avg)
         self.steps.append(step)
-        if index is None:
+        if index is None or param.numel() == 0:  # nothing to precondition (e.g. an empty shard)
             self.layers.append(-1)
             self.h_offsets.append(0)
             self.s_offsets.append(0)
