@@ -201,6 +201,14 @@ class AdaFisher(torch.optim.Optimizer):
         return layer
 
     # --------------------------------------------------------------------------- public API
+    def __repr__(self) -> str:
+        # torch.optim's repr lists param groups only; the optimizer-wide settings go first
+        head, _, groups = super().__repr__().partition("\n")
+        backend = self._backend.name if self._backend is not None else self._backend_request
+        settings = (f"Optimizer-wide\n    backend: {backend}\n"
+                    f"    factor_interval: {self.factor_interval}\n    gammas: {self.gammas}\n")
+        return f"{head}\n{settings}{groups}"
+
     @property
     def backend(self) -> str:
         """The backend in use (``"torch"`` or ``"triton"``)."""
@@ -332,6 +340,16 @@ class AdaFisher(torch.optim.Optimizer):
 
 
 class AdaFisherW(AdaFisher):
-    """AdaFisher with decoupled weight decay: ``p ← p − lr·(m/(1−βᵗ)/F + wd·p)``."""
+    """AdaFisher with decoupled weight decay (as AdamW is to Adam).
+
+    Same arguments, state and factors as :class:`AdaFisher`; only the update differs::
+
+        m ← β·m + (1−β)·g
+        p ← p − lr·(m / (1−βᵗ) / F + weight_decay·p)      F = S ⊗ H + damping
+
+    The decay is not divided by ``F`` and does not enter the momentum, so its strength is
+    ``lr·weight_decay`` per step whatever the curvature. The paper uses it for vision
+    transformers. See ``docs/algorithm.md`` (update rules) and ``docs/hyperparameters.md``.
+    """
 
     decoupled_weight_decay = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
@@ -11,7 +12,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -276,10 +277,16 @@ def format_spread(summary: dict[str, Any], scale: float = 1.0, digits: int = 2,
     return text if summary.get("trusted", True) else text + " !"
 
 
-def pin_threads(threads: int) -> None:
-    """Pin torch's intra-op (and, where still allowed, inter-op) thread pools."""
-    torch.set_num_threads(threads)
+@contextlib.contextmanager
+def pinned_threads(threads: int | None) -> Iterator[None]:
+    """Run with torch's intra-op pool pinned to ``threads`` (None: leave it), then restore it.
+
+    Why restore: a benchmark's ``main`` also runs inside the test process.
+    """
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
-        torch.set_num_interop_threads(threads)
-    except RuntimeError:  # only allowed before the first parallel work in the process
-        pass
+        yield
+    finally:
+        torch.set_num_threads(before)
