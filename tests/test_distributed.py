@@ -76,8 +76,9 @@ def run_rank(rank: int, init_file: str, out_file: str) -> None:
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
-def test_two_ranks_follow_the_single_process_trajectory(tmp_path):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+def test_two_ranks_follow_the_single_process_trajectory(tmp_path, monkeypatch):
+    # for the spawned ranks only: monkeypatch restores the variable for later tests
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
     out_file = str(tmp_path / "params.pt")
     mp.spawn(run_rank, args=(str(tmp_path / "init"), out_file), nprocs=WORLD, join=True)
     distributed = torch.load(out_file, weights_only=True)
