@@ -1,4 +1,5 @@
-"""The flat per-device buffers that hold every tracked layer's factors (SPEC §1, §3, §8).
+"""The flat per-device buffers that hold every tracked layer's factors (docs/algorithm.md
+§1, §3, §8).
 
 One layout per device: each layer owns an H segment and an S segment of one flat fp32 buffer,
 so normalize + blend for the whole model is a handful of vector ops (one launch in Triton).

@@ -1,4 +1,4 @@
-"""Layer hooks that feed fresh statistics into the pending buffer (SPEC §4).
+"""Layer hooks that feed fresh statistics into the pending buffer (docs/algorithm.md §4).
 
 A forward hook computes Ĥ from the layer's input and registers a hook on the layer's *output
 tensor*; that tensor hook receives the gradient of the output, computes Ŝ and commits the pass.

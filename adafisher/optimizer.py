@@ -113,7 +113,7 @@ class AdaFisher(torch.optim.Optimizer):
         self._layers: dict[int, TrackedLayer] = {}  # id(module) → its slot
         self._module_order: dict[str, int] = {}  # layer name → position in the model
         self._factor_index: dict[int, tuple[FactorIndex, FactorBuffers]] = {}  # id(param) → …
-        self._factor_step = 0  # optimizer steps taken (SPEC §4 counts them from 0)
+        self._factor_step = 0  # optimizer steps taken (docs/algorithm.md §4 counts them from 0)
         self._collector: StatisticsCollector | None = None
         super().__init__(params, defaults)
         # The hooks hold the collector, not the optimizer: removing them when the optimizer
@@ -222,7 +222,7 @@ class AdaFisher(torch.optim.Optimizer):
 
     @property
     def nonfinite_statistics(self) -> int:
-        """How many fresh H or S vectors were discarded for holding NaN/Inf (SPEC §3)."""
+        """How many fresh H or S vectors were discarded for holding NaN/Inf (algorithm.md §3)."""
         return int(sum(int(b.nonfinite.sum()) for b in self._buffers.values()))
 
     def factors(self, layer_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,8 +251,8 @@ class AdaFisher(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One optimizer step: blend pending statistics (SPEC §3; averaged across ranks first
-        under ``torch.distributed``, SPEC §7), then update (SPEC §6)."""
+        """One optimizer step: blend pending statistics (docs/algorithm.md §3; averaged across
+        ranks first under ``torch.distributed``, §7), then update (§6)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():

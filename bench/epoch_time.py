@@ -80,7 +80,7 @@ DEFAULT_OPTIMIZERS = ("adam", "adamw", "adafisher-i1", "adafisher", "adafisherw"
 
 # Learning rates tried by --lr-sweep. AdaFisher with default gammas is close to momentum SGD
 # with step lr/damping (docs/algorithm.md, "What the defaults mean"), so its grid sits lower.
-LR_GRID = {"adam": (1e-3, 3e-3, 1e-2), "adafisher": (1e-4, 3e-4, 1e-3, 3e-3)}
+LR_GRID = {"adam": (1e-3, 3e-3, 1e-2, 3e-2), "adafisher": (1e-4, 3e-4, 1e-3, 3e-3)}
 
 # Winners of `--lr-sweep` per task (best final validation accuracy, seed 0, the task's default
 # epochs and batch size). Re-derive them with `python bench/epoch_time.py --lr-sweep [--task T]`.

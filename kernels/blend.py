@@ -1,4 +1,4 @@
-"""Normalize and blend every layer's pending statistics in one launch (SPEC §3).
+"""Normalize and blend every layer's pending statistics in one launch (docs/algorithm.md §3).
 
 One program per layer, over its H and S segments of the flat buffers: fresh = pending / passes;
 a segment holding NaN/±Inf is discarded and counted; otherwise min-max normalize
@@ -99,7 +99,7 @@ def update_factors(
     tables: SegmentTables,
     block: int | None = None,
 ) -> None:
-    """SPEC §3 for every layer of ``buffers`` with pending statistics, one launch.
+    """docs/algorithm.md §3 for every layer of ``buffers`` with pending statistics, one launch.
     ``block`` overrides the tile size (tests)."""
     n_layers = len(buffers.slots)
     if n_layers:

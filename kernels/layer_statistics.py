@@ -1,4 +1,4 @@
-"""Fresh statistics Ĥ and Ŝ per layer kind (SPEC §2) on the fused kernels.
+"""Fresh statistics Ĥ and Ŝ per layer kind (docs/algorithm.md §2) on the fused kernels.
 
 The same contract as ``adafisher.statistics`` (the reference): ``input_statistic`` returns Ĥ of
 one forward pass (fp32); ``commit_pass`` adds the pass's Ĥ and Ŝ into the layer's slices of the
