@@ -80,14 +80,14 @@ DEFAULT_OPTIMIZERS = ("adam", "adamw", "adafisher-i1", "adafisher", "adafisherw"
 
 # Learning rates tried by --lr-sweep. AdaFisher with default gammas is close to momentum SGD
 # with step lr/damping (docs/algorithm.md, "What the defaults mean"), so its grid sits lower.
-LR_GRID = {"adam": (1e-3, 3e-3, 1e-2, 3e-2), "adafisher": (1e-4, 3e-4, 1e-3, 3e-3)}
+LR_GRID = {"adam": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1), "adafisher": (1e-4, 3e-4, 1e-3, 3e-3)}
 
 # Winners of `--lr-sweep` per task (best final validation accuracy, seed 0, the task's default
 # epochs and batch size; the tables are in bench/README.md). `adafisherw-i1` is not in the
 # default list and was not swept: it uses adafisherw's winner. Re-derive them with
 # `python bench/epoch_time.py --lr-sweep [--task T] [--optimizers ...]`.
 SWEPT_LR: dict[str, dict[str, float]] = {
-    "mnist1d": {"adam": 1e-2, "adamw": 1e-2, "adafisher-i1": 1e-3, "adafisher": 1e-3,
+    "mnist1d": {"adam": 3e-2, "adamw": 3e-2, "adafisher-i1": 1e-3, "adafisher": 1e-3,
                 "adafisherw": 1e-3, "adafisherw-i1": 1e-3},
     "digits": {"adam": 3e-3, "adamw": 3e-3, "adafisher-i1": 1e-4, "adafisher": 1e-4,
                "adafisherw": 1e-4, "adafisherw-i1": 1e-4},
