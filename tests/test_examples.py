@@ -37,8 +37,13 @@ def test_cifar_style_trains_checkpoints_and_resumes(tmp_path, capsys):
 
 def test_amp_compile_example_trains(capsys):
     amp = load("amp_compile")
-    losses = amp.main(["--steps", "12", "--width", "16", "--batch-size", "32",
-                       "--compile-backend", "aot_eager", "--device", "cpu"])
+    try:
+        losses = amp.main(["--steps", "12", "--width", "16", "--batch-size", "32",
+                           "--compile-backend", "aot_eager", "--device", "cpu"])
+    finally:
+        # leave dynamo as a fresh process has it: later tests count their own graphs
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
     assert all(math.isfinite(v) for v in losses)
     assert "compiled" in capsys.readouterr().out
 
