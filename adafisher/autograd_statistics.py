@@ -1,8 +1,9 @@
 """BatchNorm / LayerNorm statistics from what autograd has already computed.
 
-The norm layers' statistics are batch *sums* (SPEC §2), which their own forward and backward
-compute anyway: in training mode BatchNorm saves the per-channel batch mean on its autograd
-node (Σ_{b,t} x = mean·B·T), and the gradient the node produces for the bias is Σ g over every
+The norm layers' statistics are batch *sums* (docs/algorithm.md §2), which their own
+forward and backward compute anyway: in training mode BatchNorm saves the per-channel batch
+mean on its autograd node (Σ_{b,t} x = mean·B·T), and the gradient the node produces for the
+bias is Σ g over every
 non-channel dim, exactly what Ŝ squares. Reading them saves a pass over the activation and one
 over its gradient per norm layer. Only nodes known to have this layout are used; anything else
 (eval-mode BatchNorm, compiled graphs, frozen biases, other kernels) returns None and the

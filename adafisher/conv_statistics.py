@@ -1,4 +1,4 @@
-"""The conv input statistic Ĥ without im2col (SPEC §2).
+"""The conv input statistic Ĥ without im2col (docs/algorithm.md §2).
 
 For a patch element (c, k₁, k₂, …) the statistic sums x² over every (sample, output position,
 group) that reads it. Summing over the batch first leaves ``X2[c, l₁, l₂, …]``; the set of input

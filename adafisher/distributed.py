@@ -1,4 +1,4 @@
-"""Data-parallel training: average fresh statistics across ranks (SPEC §7).
+"""Data-parallel training: average fresh statistics across ranks (docs/algorithm.md §7).
 
 One all-reduce per device buffer and factor update, over the flat pending sums and their pass
 counts together, and none on steps that take no statistics. Summing both across ranks makes

@@ -1,4 +1,5 @@
-"""The flat per-device buffers that hold every tracked layer's factors (SPEC §1, §3, §8).
+"""The flat per-device buffers that hold every tracked layer's factors (docs/algorithm.md
+§1, §3, §8).
 
 One layout per device and factor dtype (fp32; float64 for float64 layers): each layer owns an
 H segment and an S segment of one flat buffer,

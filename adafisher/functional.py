@@ -1,4 +1,5 @@
-"""The AdaFisher / AdaFisherW update rules in plain PyTorch (SPEC §6), one parameter at a time.
+"""The AdaFisher / AdaFisherW update rules in plain PyTorch (docs/algorithm.md §6), one
+parameter at a time.
 
 Kept apart from the optimizer front-end, like ``torch.optim``'s functional implementations: the
 front-end decides what to update and with which preconditioner, these functions do the math.
@@ -17,7 +18,7 @@ def compute_dtype(param: torch.Tensor) -> torch.dtype:
 def preconditioner(
     s_rows: torch.Tensor, h_cols: torch.Tensor, damping: float, shape: torch.Size
 ) -> torch.Tensor:
-    """``F[r, c] = S[r]·H[c] + damping``, laid out like the parameter (SPEC §5)."""
+    """``F[r, c] = S[r]·H[c] + damping``, laid out like the parameter (docs/algorithm.md §5)."""
     return torch.outer(s_rows, h_cols).add_(damping).view(shape)
 
 

@@ -1,4 +1,4 @@
-"""Layer hooks that feed fresh statistics into the pending buffer (SPEC §4).
+"""Layer hooks that feed fresh statistics into the pending buffer (docs/algorithm.md §4).
 
 A forward hook computes Ĥ from the layer's input and registers a hook on the layer's *output
 tensor*; that tensor hook receives the gradient of the output, computes Ŝ and commits the pass.
@@ -21,6 +21,7 @@ inert no-op: model copies never feed, or fail on, the original optimizer.
 from __future__ import annotations
 
 import functools
+import sys
 import weakref
 from dataclasses import dataclass
 
@@ -109,11 +110,41 @@ def live_hook_on(module: nn.Module) -> bool:
     )
 
 
+def _outside_compiled_graphs(fn):
+    """``torch.compiler.disable(fn)``, applied on first use rather than at import.
+
+    Why: ``torch.compiler.disable`` imports ``torch._dynamo``, which more than doubles the time of
+    ``import adafisher``. While ``torch._dynamo`` is not imported nothing can be compiling, so
+    ``fn`` runs as is; once it is, calls go through the disabled wrapper (created then, once).
+    """
+    disabled = None
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        nonlocal disabled
+        if disabled is None:
+            if "torch._dynamo" not in sys.modules:
+                return fn(*args, **kwargs)
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+
+    def prepare() -> None:
+        # creating the wrapper inside a traced hook costs one extra graph break: do it eagerly
+        # when torch._dynamo is already loaded
+        nonlocal disabled
+        if disabled is None and "torch._dynamo" in sys.modules:
+            disabled = torch.compiler.disable(fn)
+
+    call.prepare = prepare
+    return call
+
+
 class StatisticsCollector:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.collecting = True  # set by the optimizer: does the coming step take statistics?
         self._handles: list[RemovableHandle] = []
+        StatisticsCollector._collect.prepare()
 
     @property
     def hooked(self) -> bool:
@@ -157,7 +188,7 @@ class StatisticsCollector:
     # Under torch.compile the checks above are traced (a step without statistics keeps one
     # whole graph); gathering statistics runs eagerly, outside the graph, instead of being
     # retraced for every layer.
-    @torch.compiler.disable
+    @_outside_compiled_graphs
     def _collect(self, layer: TrackedLayer, module, x: torch.Tensor, output: torch.Tensor) -> None:
         if x.device != layer.buffers.device:
             raise RuntimeError(

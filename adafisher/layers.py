@@ -1,7 +1,7 @@
 """Which layers AdaFisher tracks, how large their factors are, and how each parameter reads them.
 
-This is the one place that knows about layer types (SPEC §2 and §5). Adding a layer type means
-adding a ``LayerKind`` here and its statistics in ``statistics.py``.
+This is the one place that knows about layer types (docs/algorithm.md §2 and §5). Adding a
+layer type means adding a ``LayerKind`` here and its statistics in ``statistics.py``.
 """
 
 from __future__ import annotations

@@ -116,7 +116,7 @@ class AdaFisher(torch.optim.Optimizer):
         self._layers: dict[int, TrackedLayer] = {}  # id(module) → its slot
         self._module_order: dict[str, int] = {}  # layer name → position in the model
         self._factor_index: dict[int, tuple[FactorIndex, FactorBuffers]] = {}  # id(param) → …
-        # Optimizer steps taken (SPEC §4 counts them from 0). Kept on a plain object: under
+        # Optimizer steps taken (docs/algorithm.md §4 counts them from 0). Kept on a plain object: under
         # torch.compile, attribute writes on the optimizer itself are dropped from a traced
         # step that also runs tensor ops, while writes to other objects are replayed.
         self._schedule = StatisticsSchedule()
@@ -278,6 +278,14 @@ class AdaFisher(torch.optim.Optimizer):
         self._schedule.factor_step = value
 
     # --------------------------------------------------------------------------- public API
+    def __repr__(self) -> str:
+        # torch.optim's repr lists param groups only; the optimizer-wide settings go first
+        head, _, groups = super().__repr__().partition("\n")
+        backend = self._backend.name if self._backend is not None else self._backend_request
+        settings = (f"Optimizer-wide\n    backend: {backend}\n"
+                    f"    factor_interval: {self.factor_interval}\n    gammas: {self.gammas}\n")
+        return f"{head}\n{settings}{groups}"
+
     @property
     def backend(self) -> str:
         """The backend in use (``"torch"``, ``"triton"`` or ``"native"``)."""
@@ -291,7 +299,7 @@ class AdaFisher(torch.optim.Optimizer):
 
     @property
     def nonfinite_statistics(self) -> int:
-        """How many fresh H or S vectors were discarded for holding NaN/Inf (SPEC §3)."""
+        """How many fresh H or S vectors were discarded for holding NaN/Inf (algorithm.md §3)."""
         return int(sum(int(b.nonfinite.sum()) for b in self._buffers.values()))
 
     def factors(self, layer_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -320,8 +328,8 @@ class AdaFisher(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One optimizer step: blend pending statistics (SPEC §3; averaged across ranks first
-        under ``torch.distributed``, SPEC §7), then update (SPEC §6)."""
+        """One optimizer step: blend pending statistics (docs/algorithm.md §3; averaged across
+        ranks first under ``torch.distributed``, §7), then update (§6)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -447,6 +455,16 @@ class AdaFisher(torch.optim.Optimizer):
 
 
 class AdaFisherW(AdaFisher):
-    """AdaFisher with decoupled weight decay: ``p ← p − lr·(m/(1−βᵗ)/F + wd·p)``."""
+    """AdaFisher with decoupled weight decay (as AdamW is to Adam).
+
+    Same arguments, state and factors as :class:`AdaFisher`; only the update differs::
+
+        m ← β·m + (1−β)·g
+        p ← p − lr·(m / (1−βᵗ) / F + weight_decay·p)      F = S ⊗ H + damping
+
+    The decay is not divided by ``F`` and does not enter the momentum, so its strength is
+    ``lr·weight_decay`` per step whatever the curvature. The paper uses it for vision
+    transformers. See ``docs/algorithm.md`` (update rules) and ``docs/hyperparameters.md``.
+    """
 
     decoupled_weight_decay = True

@@ -1,4 +1,4 @@
-"""Fresh statistics Ĥ (from a layer's input) and Ŝ (from its output gradient), SPEC §2.
+"""Fresh statistics Ĥ (from a layer's input) and Ŝ (from its output gradient), docs/algorithm.md §2.
 
 Plain PyTorch, fp32 accumulation whatever the activation dtype. These are the reference the
 fused kernels are tested against, and the torch backend's implementation.
@@ -101,7 +101,7 @@ def has_samples(kind: LayerKind, x: torch.Tensor, output: torch.Tensor) -> bool:
 
 
 def batch_size(kind: LayerKind, x: torch.Tensor) -> int:
-    """B of SPEC §2 (first dim; 1 for unbatched inputs)."""
+    """B of docs/algorithm.md §2 (first dim; 1 for unbatched inputs)."""
     if kind is LayerKind.CONV or kind is LayerKind.LINEAR:
         return x.shape[0] if x.dim() >= 2 else 1
     return _batch_first(x).shape[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
@@ -11,7 +12,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -226,3 +227,66 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+# ---------------------------------------------------------------- paired timings
+def quantile(values: Sequence[float], q: float) -> float:
+    """The q-quantile (0 ≤ q ≤ 1) by linear interpolation between order statistics."""
+    ordered = sorted(values)
+    if not ordered:
+        raise ValueError("quantile of no values")
+    pos = q * (len(ordered) - 1)
+    low = math.floor(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """Median and p10–p90 of ``values``."""
+    return {"median": quantile(values, 0.5), "p10": quantile(values, 0.1),
+            "p90": quantile(values, 0.9), "n": len(values)}
+
+
+# A paired ratio whose p10–p90 band is wider than this fraction of its median says the rounds
+# disagree (load from other processes came and went): the figure is flagged as untrustworthy.
+TRUSTED_RELATIVE_SPREAD = 0.25
+
+
+def paired_ratios(times: Sequence[float], reference: Sequence[float]) -> dict[str, Any]:
+    """Per-round ratios ``times[i] / reference[i]`` (both timed in the same round), summarized
+    as median and p10–p90, with ``trusted`` False when the band is too wide to rely on.
+
+    Why per round: a ratio of whole-run medians mixes rounds that saw different load; a
+    ratio inside one round compares runs that saw the same load.
+    """
+    if len(times) != len(reference) or not times:
+        raise ValueError(f"need equal, non-zero numbers of rounds, got {len(times)} "
+                         f"and {len(reference)}")
+    summary = spread([t / r for t, r in zip(times, reference)])
+    width = (summary["p90"] - summary["p10"]) / summary["median"]
+    summary["relative_spread"] = width
+    summary["trusted"] = width <= TRUSTED_RELATIVE_SPREAD
+    return summary
+
+
+def format_spread(summary: dict[str, Any], scale: float = 1.0, digits: int = 2,
+                  suffix: str = "") -> str:
+    """``1.23x (1.10–1.40)``: median with its p10–p90 band, ``!`` when untrusted."""
+    text = (f"{summary['median'] * scale:.{digits}f}{suffix} "
+            f"({summary['p10'] * scale:.{digits}f}–{summary['p90'] * scale:.{digits}f})")
+    return text if summary.get("trusted", True) else text + " !"
+
+
+@contextlib.contextmanager
+def pinned_threads(threads: int | None) -> Iterator[None]:
+    """Run with torch's intra-op pool pinned to ``threads`` (None: leave it), then restore it.
+
+    Why restore: a benchmark's ``main`` also runs inside the test process.
+    """
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

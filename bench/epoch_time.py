@@ -1,22 +1,34 @@
-"""The main job: epoch time and accuracy of AdaFisher against Adam on a small CNN.
+"""The main job: test accuracy per wall-clock time of AdaFisher against Adam.
 
-Trains the same small CNN on scikit-learn's bundled handwritten digits (1,797 real 8x8 images,
-no download; fixed stratified 75/25 split) with each optimizer, from the same initial weights,
-in the same batch order, their epochs interleaved round-robin (so that load from other
-processes hits all of them alike). Prints a table (median epoch time, ratio to Adam's, final
-train loss, test accuracy) and writes ``epoch_time.json`` and ``epoch_time.png`` (train loss
-and test accuracy against wall-clock training time, as in the paper's plots) into ``--out``.
+Tasks (``--task``):
+  mnist1d  (default) MNIST-1D (Greydanus 2020): 4,000 train / 1,000 test 1-D signals of length
+           40 in 10 classes, generated offline by the ``mnist1d`` package from its reference
+           templates; the small 1-D CNN of that paper (3 Conv1d + Linear, Adam reaches ~94%
+           after 6,000 steps there). Optimizers separate on it.
+  digits   scikit-learn's bundled 8x8 digits (1,797 images, 75/25 split) with a small 2-D CNN
+           (Conv/BatchNorm/Linear): a seconds-long smoke run; every optimizer ends near 99%.
 
-    python bench/epoch_time.py                      # all optimizers, under a minute on 2 CPU cores
-    python bench/epoch_time.py --optimizers adam,adafisher --epochs 5 --out /tmp/r
+Every optimizer starts from the same weights and sees the same batches. Their epochs run
+interleaved, one *round* = one epoch of each (in an order that rotates every round), so that
+load from other processes hits all of them alike; each is timed per round against the
+reference (Adam), and the table reports the median of those paired per-round ratios with its
+p10-p90 band, flagging a band too wide to trust. Several seeds give accuracy as mean +- std.
+Each optimizer's learning rate is the winner of ``--lr-sweep`` (a sweep on a validation split
+held out of the training set), stored below per task; the output says so.
+
+    python bench/epoch_time.py                          # run time: bench/README.md
+    python bench/epoch_time.py --task digits            # smoke run, seconds
+    python bench/epoch_time.py --lr-sweep               # re-derive the stored learning rates
+    python bench/epoch_time.py --optimizers adam,adafisher --seeds 1 --out /tmp/r
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,26 +41,28 @@ try:
 except ImportError:  # run as `python bench/epoch_time.py`: bench/ itself is on sys.path
     import common
 
-# AdaFisher with default gammas is close to momentum SGD with step lr/damping (SPEC section 3);
-# its lr was chosen on this task from {1e-4, 3e-4, 1e-3} (bench/README.md).
-ADAFISHER_LR = 3e-4
-ADAM_LR = 1e-3
 DECOUPLED_WD = 1e-2  # torch.optim.AdamW's default, used for both decoupled-decay optimizers
+REFERENCE = "adam"  # ratios and the accuracy target are relative to this optimizer
+DEFAULT_THREADS = 1  # with one thread per process, epoch times held steady under load
 
 
 @dataclass(frozen=True)
 class Spec:
     """How to build one named optimizer of the comparison."""
 
-    family: str  # adam | adamw | AdaFisher | AdaFisherW
+    family: str  # Adam | AdamW | AdaFisher | AdaFisherW
     factor_interval: int | None = None  # AdaFisher only; None = the package default (100)
     weight_decay: float = 0.0
+
+    @property
+    def is_adafisher(self) -> bool:
+        return self.family.startswith("AdaFisher")
 
     def describe(self, lr: float) -> str:
         text = f"{self.family} lr={lr:g}"
         if self.weight_decay:
             text += f" wd={self.weight_decay:g}"
-        if self.family.startswith("AdaFisher"):
+        if self.is_adafisher:
             text += f" factor_interval={self.factor_interval or 100}"
         return text
 
@@ -62,10 +76,26 @@ OPTIMIZERS: dict[str, Spec] = {
     "adafisherw": Spec("AdaFisherW", weight_decay=DECOUPLED_WD),
     "adafisherw-i1": Spec("AdaFisherW", factor_interval=1, weight_decay=DECOUPLED_WD),
 }
+DEFAULT_OPTIMIZERS = ("adam", "adamw", "adafisher-i1", "adafisher", "adafisherw")
+
+# Learning rates tried by --lr-sweep. AdaFisher with default gammas is close to momentum SGD
+# with step lr/damping (docs/algorithm.md, "What the defaults mean"), so its grid sits lower.
+LR_GRID = {"adam": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1), "adafisher": (1e-4, 3e-4, 1e-3, 3e-3)}
+
+# Winners of `--lr-sweep` per task (best final validation accuracy, seed 0, the task's default
+# epochs and batch size; the tables are in bench/README.md). `adafisherw-i1` is not in the
+# default list and was not swept: it uses adafisherw's winner. Re-derive them with
+# `python bench/epoch_time.py --lr-sweep [--task T] [--optimizers ...]`.
+SWEPT_LR: dict[str, dict[str, float]] = {
+    "mnist1d": {"adam": 3e-2, "adamw": 3e-2, "adafisher-i1": 1e-3, "adafisher": 1e-3,
+                "adafisherw": 1e-3, "adafisherw-i1": 1e-3},
+    "digits": {"adam": 3e-3, "adamw": 3e-3, "adafisher-i1": 1e-4, "adafisher": 1e-4,
+               "adafisherw": 1e-4, "adafisherw-i1": 1e-4},
+}
 
 
 def make_optimizer(spec: Spec, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    if spec.family in ("Adam", "AdamW"):
+    if not spec.is_adafisher:
         cls = getattr(torch.optim, spec.family)
         return cls(model.parameters(), lr=lr, weight_decay=spec.weight_decay)
     cls = getattr(common.import_adafisher(), spec.family)  # lazy: Adam runs need no package
@@ -73,19 +103,48 @@ def make_optimizer(spec: Spec, model: nn.Module, lr: float) -> torch.optim.Optim
     return cls(model, lr=lr, weight_decay=spec.weight_decay, **extra)
 
 
-def learning_rate(spec: Spec, args: argparse.Namespace) -> float:
-    return args.adafisher_lr if spec.family.startswith("AdaFisher") else args.adam_lr
-
-
-DEFAULT_OPTIMIZERS = ("adam", "adamw", "adafisher-i1", "adafisher", "adafisherw")
-
-
+# ------------------------------------------------------------------------------------ tasks
 @dataclass
 class Data:
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+
+    def validation_split(self, fraction: float = 0.2) -> Data:
+        """Train on the first (1 - fraction) of the training set, evaluate on the rest (the
+        test set is not looked at). The training sets are already in random order."""
+        cut = int(len(self.y_train) * (1 - fraction))
+        return Data(self.x_train[:cut], self.y_train[:cut], self.x_train[cut:],
+                    self.y_train[cut:])
+
+
+def load_mnist1d(device: torch.device) -> Data:
+    """MNIST-1D with the package's reference settings (seed 42): generated, not downloaded."""
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as exc:
+        raise ImportError(
+            f"the mnist1d task needs the `mnist1d` package ({exc}): `pip install mnist1d` "
+            "(or the bench extra, `pip install -e '.[bench]'`), or use --task digits"
+        ) from exc
+    d = make_dataset(get_dataset_args())  # ~2 s on CPU; deterministic
+
+    def tensors(x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.tensor(x, dtype=torch.float32).unsqueeze(1).to(device),
+                torch.tensor(y, dtype=torch.long).to(device))
+
+    return Data(*tensors(d["x"], d["y"]), *tensors(d["x_test"], d["y_test"]))
+
+
+def mnist1d_model() -> nn.Module:
+    """The CNN of the MNIST-1D paper (its `ConvBase`): 40 -> 19 -> 10 -> 5 positions."""
+    return nn.Sequential(
+        nn.Conv1d(1, 25, 5, stride=2, padding=1), nn.ReLU(),
+        nn.Conv1d(25, 25, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv1d(25, 25, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(25 * 5, 10),
+    )
 
 
 def load_digits(device: torch.device) -> Data:
@@ -104,26 +163,36 @@ def load_digits(device: torch.device) -> Data:
     return Data(x[tr].to(device), y[tr].to(device), x[te].to(device), y[te].to(device))
 
 
-def make_model() -> nn.Module:
+def digits_model() -> nn.Module:
     """Conv/BatchNorm/Linear: every layer type AdaFisher tracks in a CNN."""
     return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1),
-        nn.BatchNorm2d(32),
-        nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1),
-        nn.BatchNorm2d(64),
-        nn.ReLU(),
+        nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
         nn.MaxPool2d(2),  # 8x8 -> 4x4
-        nn.Conv2d(64, 64, 3, padding=1),
-        nn.BatchNorm2d(64),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(64 * 4 * 4, 128),
-        nn.ReLU(),
-        nn.Linear(128, 10),
+        nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, 10),
     )
 
 
+@dataclass(frozen=True)
+class Task:
+    description: str
+    load: Callable[[torch.device], Data]
+    make_model: Callable[[], nn.Module]
+    epochs: int
+    seeds: int
+    batch_size: int
+
+
+TASKS = {
+    "mnist1d": Task("MNIST-1D (4000 train / 1000 test, length 40), its paper's 1-D CNN",
+                    load_mnist1d, mnist1d_model, epochs=30, seeds=3, batch_size=100),
+    "digits": Task("sklearn digits (1347 train / 450 test, 8x8), small 2-D CNN",
+                   load_digits, digits_model, epochs=8, seeds=2, batch_size=64),
+}
+
+
+# --------------------------------------------------------------------------------- training
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     was_training = model.training
@@ -133,13 +202,8 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return correct / len(y)
 
 
-def train_epoch(
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    data: Data,
-    batch_size: int,
-    generator: torch.Generator,
-) -> list[float]:
+def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: Data, batch_size: int,
+                generator: torch.Generator) -> list[float]:
     """One pass over the shuffled training set; returns the per-step losses."""
     loss_fn = nn.CrossEntropyLoss()
     order = torch.randperm(len(data.y_train), generator=generator).to(data.x_train.device)
@@ -154,11 +218,11 @@ def train_epoch(
     return torch.stack(losses).tolist()  # one device sync per epoch, not per step
 
 
-def warm_up(data: Data, batch_size: int, device: torch.device) -> None:
+def warm_up(task: Task, data: Data, batch_size: int, device: torch.device) -> None:
     """A few untimed steps on a throwaway model, so that process-wide one-off costs (thread
     pools, oneDNN/cuDNN kernel selection, the allocator) are not charged to whichever
     optimizer happens to run first."""
-    model = make_model().to(device)
+    model = task.make_model().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     last = len(data.y_train) % batch_size  # the epoch's short last batch has its own shape
     for size in [batch_size] * 3 + ([last] if last else []):
@@ -171,121 +235,215 @@ def warm_up(data: Data, batch_size: int, device: torch.device) -> None:
 
 @dataclass
 class Run:
-    """One optimizer's training, advanced an epoch at a time.
-
-    Why epochs of all optimizers are interleaved: on a shared machine, load from other
-    processes then hits every optimizer alike instead of whichever ran at that moment.
-    """
+    """One optimizer's training from one seed, advanced an epoch at a time."""
 
     name: str
-    spec: Spec
     lr: float
     model: nn.Module
     opt: torch.optim.Optimizer
     generator: torch.Generator
     epoch_times: list[float] = field(default_factory=list)
-    wall: list[float] = field(default_factory=list)
     step_losses: list[list[float]] = field(default_factory=list)
-    epoch_losses: list[float] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
     test_acc: list[float] = field(default_factory=list)
 
     @classmethod
-    def start(cls, name: str, args: argparse.Namespace, device: torch.device) -> Run:
-        torch.manual_seed(args.seed)  # the same initial weights for every optimizer
-        model = make_model().to(device)
-        spec = OPTIMIZERS[name]
-        lr = learning_rate(spec, args)
-        generator = torch.Generator().manual_seed(args.seed)  # the same batch order
-        return cls(name, spec, lr, model, make_optimizer(spec, model, lr), generator)
+    def start(cls, name: str, lr: float, task: Task, seed: int, device: torch.device) -> Run:
+        torch.manual_seed(seed)  # the same initial weights for every optimizer
+        model = task.make_model().to(device)
+        generator = torch.Generator().manual_seed(seed)  # the same batch order
+        return cls(name, lr, model, make_optimizer(OPTIMIZERS[name], model, lr), generator)
 
     def epoch(self, data: Data, batch_size: int, device: torch.device) -> None:
         start = common.now(device)
         losses = train_epoch(self.model, self.opt, data, batch_size, self.generator)
         self.epoch_times.append(common.now(device) - start)
         # evaluation below is not training time
-        self.wall.append(sum(self.epoch_times))
         self.step_losses.append(losses)
-        self.epoch_losses.append(sum(losses) / len(losses))
+        self.train_loss.append(sum(losses) / len(losses))
         self.test_acc.append(accuracy(self.model, data.x_test, data.y_test))
 
-    def result(self) -> dict[str, Any]:
+    def close(self) -> None:
         if hasattr(self.opt, "remove_hooks"):
             self.opt.remove_hooks()
-        # why: the first epoch pays one-off costs (allocator, kernel selection, lazy init)
-        timed = self.epoch_times[1:] or self.epoch_times
-        return {
-            "description": self.spec.describe(self.lr),
-            "lr": self.lr,
-            "epoch_times_s": self.epoch_times,
-            "first_epoch_s": self.epoch_times[0],
-            "median_epoch_s": common.median(timed),
-            "wall_clock_s": self.wall,
-            "train_loss": self.epoch_losses,
-            "step_losses": self.step_losses,
-            "test_accuracy": self.test_acc,
-            "final_train_loss": self.epoch_losses[-1],
-            "final_test_accuracy": self.test_acc[-1],
+
+
+def train_seed(names: Sequence[str], lrs: dict[str, float], task: Task, data: Data, seed: int,
+               epochs: int, batch_size: int, device: torch.device,
+               on_round: Callable[[list[Run]], None] = lambda runs: None) -> list[Run]:
+    """Every optimizer from the same start; one round = one epoch of each, in an order that
+    rotates every round (whatever one leaves in caches or the allocator hits all alike)."""
+    runs = [Run.start(name, lrs[name], task, seed, device) for name in names]
+    for epoch in range(epochs):
+        shift = epoch % len(runs)
+        for run in runs[shift:] + runs[:shift]:
+            run.epoch(data, batch_size, device)
+        on_round(runs)
+    for run in runs:
+        run.close()
+    return runs
+
+
+# ---------------------------------------------------------------------------------- results
+def mean_curve(curves: Sequence[Sequence[float]]) -> list[float]:
+    return [statistics.fmean(values) for values in zip(*curves)]
+
+
+def std(values: Sequence[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(names: Sequence[str], seeds: list[list[Run]], lrs: dict[str, float],
+              reference: str) -> dict[str, dict[str, Any]]:
+    """Per optimizer: epoch time and paired ratio (each seed's first epoch left out as
+    warm-up), accuracy mean ± std over seeds, and time to reach the reference's accuracy."""
+    per_name = {name: [runs[i] for runs in seeds] for i, name in enumerate(names)}
+
+    def timed(name: str) -> list[float]:  # all rounds but each seed's first, in round order
+        return [t for run in per_name[name] for t in (run.epoch_times[1:] or run.epoch_times)]
+
+    ref_final = statistics.fmean(run.test_acc[-1] for run in per_name[reference])
+    results: dict[str, dict[str, Any]] = {}
+    for name, runs in per_name.items():
+        epoch_s = common.spread(timed(name))
+        acc_curve = mean_curve([run.test_acc for run in runs])
+        reached = next((i + 1 for i, a in enumerate(acc_curve) if a >= ref_final), None)
+        finals = [run.test_acc[-1] for run in runs]
+        results[name] = {
+            "description": OPTIMIZERS[name].describe(lrs[name]),
+            "lr": lrs[name],
+            "epoch_s": epoch_s,
+            "ratio_to_reference": common.paired_ratios(timed(name), timed(reference)),
+            "first_epoch_s": [run.epoch_times[0] for run in runs],
+            "final_test_accuracy_mean": statistics.fmean(finals),
+            "final_test_accuracy_std": std(finals),
+            "final_train_loss_mean": statistics.fmean(run.train_loss[-1] for run in runs),
+            "test_accuracy_mean_curve": acc_curve,
+            "train_loss_mean_curve": mean_curve([run.train_loss for run in runs]),
+            # the time axis: epochs × median epoch time (warm-up epoch and stalls excluded)
+            "epochs_to_reference_accuracy": reached,
+            "time_to_reference_accuracy_s": None if reached is None
+            else reached * epoch_s["median"],
+            "per_seed": [{"epoch_times_s": run.epoch_times, "train_loss": run.train_loss,
+                          "test_accuracy": run.test_acc, "step_losses": run.step_losses}
+                         for run in runs],
         }
+    return results
 
 
-def train_all(args: argparse.Namespace, data: Data, device: torch.device) -> dict[str, Any]:
-    """Every optimizer from the same start, epochs interleaved round-robin."""
-    runs = [Run.start(name, args, device) for name in args.optimizers]
-    total = args.epochs * len(runs)
-    with common.progress(total, "training", "epoch", args.no_progress) as bar:
-        for _ in range(args.epochs):
-            for run in runs:
-                run.epoch(data, args.batch_size, device)
-                bar.set_postfix(opt=run.name, loss=f"{run.epoch_losses[-1]:.3f}",
-                                acc=f"{run.test_acc[-1]:.3f}", refresh=False)
-                bar.update(1)
-    return {run.name: run.result() for run in runs}
+TABLE_HEADERS = ("optimizer", "lr", "epoch ms (p10–p90)", "vs adam, paired (p10–p90)",
+                 "final train loss", "test acc % (mean ± std)", "time to adam's acc")
 
 
 def summary_rows(results: dict[str, dict[str, Any]]) -> list[list[Any]]:
-    adam = results.get("adam", {}).get("median_epoch_s")
     rows = []
     for name, r in results.items():
-        rel = common.ratio(r["median_epoch_s"], adam)
-        rows.append(
-            [
-                name,
-                f"{r['median_epoch_s'] * 1000:.1f}",
-                f"{rel:.2f}x" if rel is not None else "-",
-                f"{r['final_train_loss']:.4f}",
-                f"{100 * r['final_test_accuracy']:.2f}",
-            ]
-        )
+        reached = r["epochs_to_reference_accuracy"]
+        rows.append([
+            name,
+            f"{r['lr']:g}",
+            common.format_spread(r["epoch_s"], scale=1000, digits=1),
+            common.format_spread(r["ratio_to_reference"], suffix="x"),
+            f"{r['final_train_loss_mean']:.4f}",
+            f"{100 * r['final_test_accuracy_mean']:.2f} ± {100 * r['final_test_accuracy_std']:.2f}",
+            "not reached" if reached is None
+            else f"{r['time_to_reference_accuracy_s']:.1f} s ({reached} ep)",
+        ])
     return rows
 
 
-TABLE_HEADERS = ("optimizer", "median epoch ms", "vs adam", "final train loss", "test acc %")
-
-
-def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+def plot(results: dict[str, dict[str, Any]], title: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # headless: no display on CI or GPU machines
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_time, ax_acc, ax_loss) = plt.subplots(1, 3, figsize=(16, 4.5))
+    names = list(results)
+    medians = [1000 * results[n]["epoch_s"]["median"] for n in names]
+    low = [m - 1000 * results[n]["epoch_s"]["p10"] for m, n in zip(medians, names)]
+    high = [1000 * results[n]["epoch_s"]["p90"] - m for m, n in zip(medians, names)]
+    ax_time.bar(names, medians, yerr=[low, high], capsize=4, color="tab:gray")
+    for i, n in enumerate(names):
+        ax_time.annotate(f"{results[n]['ratio_to_reference']['median']:.2f}x",
+                         (i, medians[i] / 2), ha="center", va="center", color="white")
+    ax_time.set(ylabel="epoch time (ms): median, p10–p90 bar",
+                title=f"epoch time; label: paired ratio to {REFERENCE}")
+    ax_time.tick_params(axis="x", rotation=30)
+
+    curves = []
     for name, r in results.items():
-        ax_loss.plot(r["wall_clock_s"], r["train_loss"], marker=".", label=name)
-        acc = [100 * a for a in r["test_accuracy"]]
-        ax_acc.plot(r["wall_clock_s"], acc, marker=".", label=name)
-    ax_loss.set(xlabel="training wall-clock time (s)", ylabel="train loss (epoch mean)")
+        epochs = range(1, len(r["test_accuracy_mean_curve"]) + 1)
+        seconds = [e * r["epoch_s"]["median"] for e in epochs]
+        acc = [100 * a for a in r["test_accuracy_mean_curve"]]
+        label = f"{name} (lr={r['lr']:g})"
+        ax_acc.plot(seconds, acc, marker=".", label=label)
+        ax_loss.plot(seconds, r["train_loss_mean_curve"], marker=".", label=label)
+        curves.append(acc[len(acc) // 4 :])
+    target = 100 * results[REFERENCE]["final_test_accuracy_mean"] if REFERENCE in results else None
+    if target is not None:
+        ax_acc.axhline(target, color="k", lw=0.8, ls="--", label=f"{REFERENCE}'s final accuracy")
+    # zoom on where the optimizers differ: the last three quarters of the curves
+    values = [a for c in curves for a in c]
+    if values:
+        ax_acc.set_ylim(max(0.0, min(values) - 2.0), min(100.0, max(values) + 1.0))
+    xlabel = "training time (s) = epochs × median epoch time\n(warm-up epoch and stalls excluded)"
+    ax_acc.set(xlabel=xlabel, ylabel="test accuracy (%), mean over seeds",
+               title="test accuracy")
+    ax_loss.set(xlabel=xlabel, ylabel="train loss (epoch mean, mean over seeds)",
+                title="train loss")
     ax_loss.set_yscale("log")
-    ax_acc.set(xlabel="training wall-clock time (s)", ylabel="test accuracy (%)")
-    for ax in (ax_loss, ax_acc):
+    for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle("Small CNN on scikit-learn digits")
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+# -------------------------------------------------------------------------------- lr sweep
+def lr_sweep(args: argparse.Namespace, task: Task, data: Data,
+             device: torch.device) -> dict[str, Any]:
+    """Each optimizer at each lr of its grid, seed 0, trained on the training set minus a
+    validation split; the winner has the best final validation accuracy."""
+    split = data.validation_split()
+    grids = {name: LR_GRID["adafisher" if OPTIMIZERS[name].is_adafisher else "adam"]
+             for name in args.optimizers}
+    total = sum(len(g) for g in grids.values()) * args.epochs
+    table: dict[str, dict[str, float]] = {}
+    with common.progress(total, "lr sweep", "epoch", args.no_progress) as bar:
+        for name, grid in grids.items():
+            table[name] = {}
+            for lr in grid:
+                (run,) = train_seed([name], {name: lr}, task, split, 0, args.epochs,
+                                    args.batch_size, device,
+                                    on_round=lambda runs: bar.update(len(runs)))
+                table[name][f"{lr:g}"] = run.test_acc[-1]
+                bar.set_postfix_str(f"{name} lr={lr:g} val acc={run.test_acc[-1]:.3f}")
+    winners = {name: float(max(accs, key=accs.__getitem__)) for name, accs in table.items()}
+    rows = [[name, *(f"{100 * accs[k]:.1f}" + ("*" if float(k) == winners[name] else "")
+                     for k in accs)] for name, accs in table.items()]
+    for name, grid in grids.items():  # rows of different grid lengths: pad
+        rows[list(grids).index(name)] += [""] * (max(map(len, grids.values())) - len(grid))
+    headers = ["optimizer", *(f"lr #{i + 1}" for i in range(max(map(len, grids.values()))))]
+    print(f"\nlr sweep, {args.task}: final validation accuracy % (seed 0, {args.epochs} epochs, "
+          f"{len(split.y_train)} train / {len(split.y_test)} validation); * = winner")
+    for name, grid in grids.items():
+        print(f"  {name}: lr grid {', '.join(f'{lr:g}' for lr in grid)}")
+    print(common.format_table(headers, rows))
+    spelled = ",".join(f"{n}={lr:g}" for n, lr in winners.items())
+    print(f"\nwinners: --lr {spelled}\n(the default run uses SWEPT_LR[{args.task!r}] in "
+          "bench/epoch_time.py: store these there to make them the default)")
+    payload = {"task": args.task, "epochs": args.epochs, "batch_size": args.batch_size,
+               "validation_accuracy": table, "winners": winners,
+               "env": common.env_info(device)}
+    common.write_json(args.out / "lr_sweep.json", payload)
+    return payload
+
+
+# ------------------------------------------------------------------------------ command line
 def optimizer_list(text: str) -> list[str]:
     names = [n.strip().lower() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in OPTIMIZERS]
@@ -297,25 +455,49 @@ def optimizer_list(text: str) -> list[str]:
     return list(dict.fromkeys(names))  # drop repeats, keep order
 
 
+def lr_overrides(text: str) -> dict[str, float]:
+    """``adam=3e-3,adafisher=1e-3`` -> {name: lr}."""
+    lrs = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or name.strip().lower() not in OPTIMIZERS:
+            raise argparse.ArgumentTypeError(
+                f"expected NAME=LR with NAME from {', '.join(OPTIMIZERS)}, got {item!r}")
+        lrs[name.strip().lower()] = common.positive_float(value)
+    return lrs
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--task", choices=list(TASKS), default="mnist1d",
+                   help="data set and model (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda[:N]")
-    p.add_argument("--epochs", type=common.positive_int, default=20)
-    p.add_argument("--batch-size", type=common.positive_int, default=64)
+    p.add_argument("--threads", type=common.positive_int, default=DEFAULT_THREADS,
+                   help="torch CPU threads, pinned for the run (default: %(default)s; one thread "
+                        "per process keeps epoch times steady on a loaded machine)")
+    p.add_argument("--epochs", type=common.positive_int, default=None,
+                   help="epochs per seed (default: the task's, " + ", ".join(
+                       f"{n} {t.epochs}" for n, t in TASKS.items()) + ")")
+    p.add_argument("--seeds", type=common.positive_int, default=None,
+                   help="seeds 0..N-1 (default: the task's, " + ", ".join(
+                       f"{n} {t.seeds}" for n, t in TASKS.items()) + ")")
+    p.add_argument("--batch-size", type=common.positive_int, default=None,
+                   help="default: the task's (" + ", ".join(
+                       f"{n} {t.batch_size}" for n, t in TASKS.items()) + ")")
     p.add_argument(
-        "--optimizers",
-        type=optimizer_list,
-        default=list(DEFAULT_OPTIMIZERS),
+        "--optimizers", type=optimizer_list, default=list(DEFAULT_OPTIMIZERS),
         help=f"comma list from: {', '.join(OPTIMIZERS)} (default: {','.join(DEFAULT_OPTIMIZERS)})",
     )
-    p.add_argument("--out", type=Path, default=Path("results"), help="output folder")
-    p.add_argument("--seed", type=common.nonnegative_int, default=0)
-    p.add_argument("--adam-lr", type=common.positive_float, default=ADAM_LR,
-                   help="learning rate of adam and adamw (default %(default)g)")
-    p.add_argument("--adafisher-lr", type=common.positive_float, default=ADAFISHER_LR,
-                   help="learning rate of the adafisher variants (default %(default)g)")
+    p.add_argument("--lr", type=lr_overrides, default={}, metavar="NAME=LR,...",
+                   help="override the stored --lr-sweep winners, e.g. adam=3e-3,adafisher=1e-3")
+    p.add_argument("--lr-sweep", action="store_true",
+                   help="instead of the comparison, sweep each optimizer's lr on a validation "
+                        "split (20%% of the training set, seed 0) and print the winners")
+    p.add_argument("--out", type=Path, default=Path("results"),
+                   help="output folder (default: results)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -324,7 +506,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, t
     parser = build_parser()
     args = parser.parse_args(argv)
     device = common.device_or_error(parser, args.device)
-    if any(n.startswith("adafisher") for n in args.optimizers):
+    task = TASKS[args.task]
+    args.epochs = args.epochs or task.epochs
+    args.seeds = args.seeds or task.seeds
+    args.batch_size = args.batch_size or task.batch_size
+    if not args.lr_sweep and REFERENCE not in args.optimizers:
+        args.optimizers.insert(0, REFERENCE)  # the figures are relative to it
+    if any(OPTIMIZERS[n].is_adafisher for n in args.optimizers):
         try:
             common.import_adafisher()
         except ImportError as exc:
@@ -334,41 +522,74 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, t
     return args, device
 
 
+def compare(args: argparse.Namespace, task: Task, data: Data,
+            device: torch.device) -> dict[str, Any]:
+    lrs = {name: args.lr.get(name, SWEPT_LR[args.task][name]) for name in args.optimizers}
+    overridden = sorted(set(args.lr) & set(args.optimizers))
+    seeds: list[list[Run]] = []
+    rounds = args.seeds * args.epochs
+    with common.progress(rounds, "training", "round", args.no_progress) as bar:
+        for seed in range(args.seeds):
+            def on_round(runs: list[Run], seed: int = seed) -> None:
+                accs = " ".join(f"{r.name}={r.test_acc[-1]:.3f}" for r in runs)
+                bar.set_postfix_str(f"seed {seed} epoch {len(runs[0].test_acc)}: acc {accs}",
+                                    refresh=False)
+                bar.update(1)
+
+            seeds.append(train_seed(args.optimizers, lrs, task, data, seed, args.epochs,
+                                    args.batch_size, device, on_round))
+    results = summarize(args.optimizers, seeds, lrs, REFERENCE)
+    untrusted = [n for n, r in results.items() if not r["ratio_to_reference"]["trusted"]]
+    lr_source = (f"stored --lr-sweep winners for {args.task} (validation split)"
+                 + (f"; overridden by --lr for {', '.join(overridden)}" if overridden else ""))
+    return {"results": results, "lr_source": lr_source, "untrusted": untrusted}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args, device = parse_args(argv)
-    data = load_digits(device)
-    warm_up(data, args.batch_size, device)
-    started = time.perf_counter()
-    results = train_all(args, data, device)
-    adam = results.get("adam", {}).get("median_epoch_s")
-    for r in results.values():
-        r["ratio_to_adam"] = common.ratio(r["median_epoch_s"], adam)
+    task = TASKS[args.task]
+    with common.pinned_threads(args.threads if device.type == "cpu" else None):
+        started = time.perf_counter()
+        data = task.load(device)
+        warm_up(task, data, args.batch_size, device)
+        if args.lr_sweep:
+            return lr_sweep(args, task, data, device)
+        outcome = compare(args, task, data, device)
+        env = common.env_info(device)
+    total = time.perf_counter() - started
+    results = outcome["results"]
     payload = {
-        "task": "small CNN on sklearn digits (1347 train / 450 test, 8x8)",
-        "config": {
-            "epochs": args.epochs,
-            "batch_size": args.batch_size,
-            "seed": args.seed,
-            "optimizers": args.optimizers,
-            "adam_lr": args.adam_lr,
-            "adafisher_lr": args.adafisher_lr,
-            "median_epoch_excludes_first": args.epochs > 1,
-            "epochs_interleaved": True,
-        },
-        "env": common.env_info(device),
-        "total_run_s": time.perf_counter() - started,
+        "task": args.task,
+        "task_description": task.description,
+        "config": {"epochs": args.epochs, "seeds": args.seeds, "batch_size": args.batch_size,
+                   "threads": args.threads, "optimizers": args.optimizers,
+                   "reference": REFERENCE, "lr_source": outcome["lr_source"],
+                   "timed_rounds": "every seed's epochs but its first (warm-up)",
+                   "trusted_relative_spread": common.TRUSTED_RELATIVE_SPREAD},
+        "env": env,
+        "total_run_s": total,
+        "untrusted": outcome["untrusted"],
         "results": results,
     }
     common.write_json(args.out / "epoch_time.json", payload)
+    title = (f"{task.description}: {args.seeds} seed(s) × {args.epochs} epochs, "
+             f"batch {args.batch_size}, {device}, {args.threads} thread(s)")
     try:
-        plot(results, args.out / "epoch_time.png")
+        plot(results, title, args.out / "epoch_time.png")
     except ImportError as exc:  # matplotlib is optional: the JSON holds the same numbers
         print(f"warning: no plot ({exc})", file=sys.stderr)
     table = common.format_table(TABLE_HEADERS, summary_rows(results))
-    note = " (first epoch excluded as warm-up)" if args.epochs > 1 else ""
-    print(f"\n{args.epochs} epochs, batch {args.batch_size}, {device}, "
-          f"{torch.get_num_threads()} threads; median epoch time{note}\n{table}")
-    print(f"\nwrote {args.out / 'epoch_time.json'} and {args.out / 'epoch_time.png'}")
+    print(f"\n{title}\nlr: {outcome['lr_source']}\n"
+          f"times: median over {args.seeds * (args.epochs - 1) or args.seeds} rounds (each "
+          "seed's first epoch left out as warm-up); ratios paired round by round; "
+          f"accuracy target: {REFERENCE}'s final mean test accuracy\n{table}")
+    if outcome["untrusted"]:
+        print(f"\nWARNING: the paired ratios of {', '.join(outcome['untrusted'])} spread more "
+              f"than {common.TRUSTED_RELATIVE_SPREAD:.0%} of their median (p10–p90, marked !): "
+              "the machine's load changed during the run; do not trust these time figures "
+              "(rerun on a quieter machine, or with more --seeds for more rounds).")
+    print(f"\ntotal {total:.0f} s; wrote {args.out / 'epoch_time.json'} and "
+          f"{args.out / 'epoch_time.png'}")
     return payload
 
 

@@ -1,19 +1,23 @@
-"""Training-step time of AdaFisher against torch Adam, side by side in one run.
+"""Training-step time of AdaFisher against torch Adam, side by side in one run (CPU).
 
-A small CIFAR-size ResNet (ResNet-20 layout), batch 64, random CIFAR-shaped data. Optimizers
-are timed in interleaved rounds so that machine noise hits all of them alike; the median
-step time of each and its ratio to Adam's are printed and written as JSON.
+A small CIFAR-size ResNet (ResNet-20 layout), batch 64, random CIFAR-shaped data. A *round*
+times one whole factor interval (``--interval`` steps, default 100 = AdaFisher's default) of
+each optimizer in turn, in an order that rotates every round: the default-interval AdaFisher's
+window therefore holds exactly one statistics step, as its steps do on average in training.
+Each optimizer's window is divided by Adam's from the same round; the median of these paired
+ratios and their p10-p90 band are printed (``!`` when the band is too wide to trust) and
+written as JSON.
 
-    python bench/train_step.py --threads 2 --steps 20
+    python bench/train_step.py                        # 3 rounds of 100 steps: minutes on CPU
+    python bench/train_step.py --interval 10 --rounds 5 --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,6 +26,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
 
 from adafisher import AdaFisher  # noqa: E402
+from bench import common  # noqa: E402
+
+DEFAULT_THREADS = 2
 
 
 class BasicBlock(nn.Module):
@@ -58,64 +65,84 @@ def cifar_resnet(blocks_per_stage: int = 3, width: int = 16, classes: int = 10) 
     return nn.Sequential(*layers)
 
 
-OPTIMIZERS = {
-    "adam": lambda m: torch.optim.Adam(m.parameters(), lr=1e-3),
-    "adafisher-i1": lambda m: AdaFisher(m, lr=1e-3, factor_interval=1, backend="torch"),
-    "adafisher": lambda m: AdaFisher(m, lr=1e-3, backend="torch"),
-}
+def optimizers(interval: int) -> dict[str, Callable[[nn.Module], torch.optim.Optimizer]]:
+    """The compared optimizers; ``adafisher`` takes statistics once per ``interval`` steps."""
+    return {
+        "adam": lambda m: torch.optim.Adam(m.parameters(), lr=1e-3),
+        "adafisher-i1": lambda m: AdaFisher(m, lr=1e-3, factor_interval=1, backend="torch"),
+        "adafisher": lambda m: AdaFisher(m, lr=1e-3, factor_interval=interval, backend="torch"),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per optimizer")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--threads", type=common.positive_int, default=DEFAULT_THREADS,
+                        help="torch CPU threads, pinned for the run (default: %(default)s)")
+    parser.add_argument("--batch-size", type=common.positive_int, default=64)
+    parser.add_argument("--interval", type=common.positive_int, default=100,
+                        help="steps per timed window = the default-interval AdaFisher's "
+                             "factor_interval (default: %(default)s, the package default)")
+    parser.add_argument("--rounds", type=common.positive_int, default=3,
+                        help="timed windows per optimizer (default: %(default)s)")
+    parser.add_argument("--warmup-rounds", type=common.nonnegative_int, default=1,
+                        help="untimed windows first (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("results"),
+                        help="writes OUT/train_step.json (default: results)")
     args = parser.parse_args(argv)
-    for name in ("threads", "batch_size", "steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    torch.set_num_threads(args.threads)
+    with common.pinned_threads(args.threads):
+        return run(args)
 
+
+def run(args: argparse.Namespace) -> dict:
     runs = {}
-    for name, make in OPTIMIZERS.items():
+    for name, make in optimizers(args.interval).items():
         torch.manual_seed(0)
         model = cifar_resnet()
         runs[name] = (model, make(model))
     x = torch.randn(args.batch_size, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch_size,))
 
-    def one_step(model: nn.Module, opt: torch.optim.Optimizer) -> float:
+    def window(model: nn.Module, opt: torch.optim.Optimizer) -> float:
+        """``args.interval`` consecutive steps; every optimizer's step count stays a multiple of
+        the interval between windows, so each AdaFisher window holds its statistics step."""
         start = time.perf_counter()
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+        for _ in range(args.interval):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
         return time.perf_counter() - start
 
     times: dict[str, list[float]] = {name: [] for name in runs}
     names = list(runs)
-    for i in range(args.warmup + args.steps):
-        # interleaved, in an order rotating every round: noise (and whatever one optimizer
-        # leaves in the allocator or caches) hits every optimizer alike
-        for name in names[i % len(names) :] + names[: i % len(names)]:
-            model, opt = runs[name]
-            elapsed = one_step(model, opt)
-            if i >= args.warmup:
-                times[name].append(elapsed)
+    with common.progress(len(names) * (args.warmup_rounds + args.rounds), "train_step",
+                         "window") as bar:
+        for i in range(args.warmup_rounds + args.rounds):
+            # in an order rotating every round: noise (and whatever one optimizer leaves in the
+            # allocator or caches) hits every optimizer alike
+            for name in names[i % len(names) :] + names[: i % len(names)]:
+                elapsed = window(*runs[name])
+                if i >= args.warmup_rounds:
+                    times[name].append(elapsed)
+                bar.update(1)
 
-    medians = {name: statistics.median(t) for name, t in times.items()}
+    per_step = {n: common.spread([t / args.interval for t in ts]) for n, ts in times.items()}
+    ratios = {n: common.paired_ratios(times[n], times["adam"]) for n in times}
     result = {
         "model": "cifar-resnet20", "batch_size": args.batch_size, "threads": args.threads,
-        "torch": torch.__version__, "median_step_s": medians,
-        "ratio_to_adam": {n: medians[n] / medians["adam"] for n in medians},
-        "step_times_s": times,
+        "interval": args.interval, "rounds": args.rounds, "torch": torch.__version__,
+        "step_s": per_step, "ratio_to_adam": ratios, "window_times_s": times,
+        "untrusted": [n for n, r in ratios.items() if not r["trusted"]],
     }
-    print(f"{'optimizer':<14}{'median step (ms)':>18}{'ratio to Adam':>15}")
-    for name, t in medians.items():
-        print(f"{name:<14}{t * 1e3:>18.1f}{result['ratio_to_adam'][name]:>15.3f}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "train_step.json").write_text(json.dumps(result, indent=2))
+    print(f"\nCIFAR ResNet-20, batch {args.batch_size}, {args.threads} thread(s); "
+          f"{args.rounds} rounds of {args.interval} steps each (median, p10–p90)")
+    rows = [[n, common.format_spread(per_step[n], scale=1e3, digits=1),
+             common.format_spread(ratios[n], digits=3, suffix="x")] for n in names]
+    print(common.format_table(("optimizer", "step ms", "ratio to Adam, paired"), rows))
+    if result["untrusted"]:
+        print(f"WARNING: ratios of {', '.join(result['untrusted'])} spread more than "
+              f"{common.TRUSTED_RELATIVE_SPREAD:.0%} of their median: load changed during the "
+              "run; do not trust them.")
+    common.write_json(args.out / "train_step.json", result)
     return result
 
 

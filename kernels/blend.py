@@ -1,4 +1,4 @@
-"""Normalize and blend every layer's pending statistics in one launch (SPEC §3).
+"""Normalize and blend every layer's pending statistics in one launch (docs/algorithm.md §3).
 
 One program per layer, over its H and S segments of the flat buffers: fresh = pending / passes;
 a segment holding NaN/±Inf is discarded and counted; otherwise min-max normalize
@@ -83,7 +83,7 @@ def update_factors(
     eps: float,
     block: int | None = None,
 ) -> None:
-    """SPEC §3 for every layer of the flat buffers, one launch. ``table`` holds
+    """docs/algorithm.md §3 for every layer of the flat buffers, one launch. ``table`` holds
     ``(offset, length)`` of segment 2·i (layer i's H) and 2·i + 1 (its S), int64 on the device;
     ``longest`` is the longest segment. ``block`` overrides the tile size (tests)."""
     n_layers = pending_count.numel()

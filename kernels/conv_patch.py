@@ -1,4 +1,4 @@
-"""Conv Ĥ without im2col (SPEC §2), in two launches.
+"""Conv Ĥ without im2col (docs/algorithm.md §2), in two launches.
 
 1. ``batch_squares``: one read of the activation. ``X2[c mod C/groups, l] += Σ_b x[b, c, l]²``
    (fp32 atomics), folding the groups as it goes; NCHW and channels_last read coalesced, and

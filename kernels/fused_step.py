@@ -1,4 +1,4 @@
-"""The AdaFisher / AdaFisherW update for many parameters in one launch (SPEC §5, §6).
+"""The AdaFisher / AdaFisherW update for many parameters in one launch (docs/algorithm.md §5, §6).
 
 One launch per (device, parameter dtype, gradient dtype) group. Each program takes one chunk
 of one parameter, found through two int64 device tables:
@@ -254,7 +254,7 @@ def fused_step(
     chunk: int | None = None,
     maximize: bool = False,
 ) -> None:
-    """SPEC §6 for ``items`` (same device, parameter dtype and gradient dtype), one launch.
+    """docs/algorithm.md §6 for ``items`` (same device, parameter and gradient dtype), one launch.
 
     ``factors``/``blended`` are the flat buffers of the device's layers (None when no item
     has a layer). ``block``/``chunk`` override the tile and chunk sizes (tests, tuning);

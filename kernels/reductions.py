@@ -1,4 +1,4 @@
-"""Per-channel reductions behind every statistic except the conv Ĥ (SPEC §2).
+"""Per-channel reductions behind every statistic except the conv Ĥ (docs/algorithm.md §2).
 
 One kernel reads a tensor viewed as ``(A, C, L)`` (any strides) once and adds, per channel c,
 ``Σ_{a,l} f(x[a, c, l]) / divisor`` into ``out[c]`` (fp32, atomics), with ``f`` = square or

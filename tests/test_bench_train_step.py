@@ -1,4 +1,5 @@
-"""bench/train_step.py runs and reports every optimizer with ratios to Adam (no timing asserts)."""
+"""bench/train_step.py runs and reports every optimizer with paired ratios to Adam (no timing
+asserts), into tmp_path only."""
 
 from __future__ import annotations
 
@@ -6,18 +7,39 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import train_step  # noqa: E402
 
 
-def test_tiny_run_writes_ratios(tmp_path, capsys):
+def test_tiny_run_writes_paired_ratios(tmp_path, capsys):
+    before = torch.get_num_threads()
     result = train_step.main(
-        ["--steps", "2", "--warmup", "1", "--batch-size", "2", "--threads", "1",
-         "--out", str(tmp_path)]
+        ["--interval", "2", "--rounds", "2", "--warmup-rounds", "1", "--batch-size", "2",
+         "--threads", "1", "--out", str(tmp_path)]
     )
+    assert torch.get_num_threads() == before  # pinned for the run only
     assert set(result["ratio_to_adam"]) == {"adam", "adafisher-i1", "adafisher"}
-    assert result["ratio_to_adam"]["adam"] == 1.0
+    assert result["ratio_to_adam"]["adam"]["median"] == 1.0
     saved = json.loads((tmp_path / "train_step.json").read_text())
-    assert all(len(t) == 2 for t in saved["step_times_s"].values())
-    assert "ratio to Adam" in capsys.readouterr().out
+    assert all(len(t) == 2 for t in saved["window_times_s"].values())
+    assert "ratio to Adam, paired" in capsys.readouterr().out
+
+
+def test_each_window_of_the_default_interval_holds_one_statistics_step(tmp_path, monkeypatch):
+    """The old benchmark timed single steps and its `adafisher` rows held no statistics step."""
+    collecting = []
+    real = train_step.AdaFisher.step
+
+    def step(self, *args, **kwargs):
+        if self.factor_interval > 1:
+            collecting.append(self._factor_step % self.factor_interval == 0)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(train_step.AdaFisher, "step", step)
+    train_step.main(["--interval", "3", "--rounds", "2", "--warmup-rounds", "1",
+                     "--batch-size", "2", "--threads", "1", "--out", str(tmp_path)])
+    windows = [collecting[i : i + 3] for i in range(0, len(collecting), 3)]
+    assert len(windows) == 3 and all(w.count(True) == 1 for w in windows)

@@ -55,7 +55,7 @@ class Backend(Protocol):
         """Add one completed pass's Ĥ and Ŝ (from ``grad_output``) to the pending sums."""
 
     def update_factors(self, buffers: FactorBuffers, gammas: Sequence[float]) -> None:
-        """SPEC §3 for every layer with pending statistics; clears the pending sums."""
+        """docs/algorithm.md §3 for every layer with pending statistics; clears the pending sums."""
 
     def step(self, group: GroupStep) -> None:
-        """SPEC §6 for every parameter of the group, in place."""
+        """docs/algorithm.md §6 for every parameter of the group, in place."""

@@ -13,7 +13,7 @@ from ..functional import adafisher_update, preconditioner
 from ..layers import LayerKind
 from .base import GroupStep
 
-# Added to max − min in min-max normalization (SPEC §3).
+# Added to max − min in min-max normalization (docs/algorithm.md §3).
 NORMALIZATION_EPS = 1e-6
 
 

@@ -1,4 +1,4 @@
-"""Fresh statistics Ĥ and Ŝ per layer kind (SPEC §2) on the fused kernels.
+"""Fresh statistics Ĥ and Ŝ per layer kind (docs/algorithm.md §2) on the fused kernels.
 
 This is the seam between the optimizer's objects (modules, ``FactorBuffers``, ``LayerSlot``)
 and ``adafisher.kernels``, which sees tensors and integers only. The same contract as
