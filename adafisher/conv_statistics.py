@@ -86,7 +86,8 @@ def conv_geometry(
 
 
 def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
-    """fp32 sums for fp16/bf16/fp32 activations; float64 ones stay float64 (SPEC §2)."""
+    """fp32 sums for fp16/bf16/fp32 activations; float64 ones stay float64
+    (docs/algorithm.md §2)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 

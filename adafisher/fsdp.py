@@ -1,4 +1,5 @@
-"""FSDP2 (``fully_shard``) support: the step on local shards, and checkpoint plumbing (SPEC §7).
+"""FSDP2 (``fully_shard``) support: the step on local shards, and checkpoint plumbing
+(docs/algorithm.md §7).
 
 Under FSDP2 the optimizer holds the sharded ``DTensor`` parameters (what the modules hold
 between forward passes), and the layers' hooks see the unsharded computation, so statistics

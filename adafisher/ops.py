@@ -9,7 +9,7 @@ floats only. Each op has
 - native kernels for CPU and CUDA from the optional C++/CUDA extension ``adafisher._C``
   (``csrc/``), registered with ``TORCH_LIBRARY_IMPL`` when the extension is imported below.
 
-``fused_step`` (SPEC §5–§6), for every parameter ``i`` of one group: it counts the step
+``fused_step`` (docs/algorithm.md §5–§6), for every parameter ``i`` of one group: it counts the step
 (``steps[i] += 1``), then with ``t = steps[i]`` and ``F = S ⊗ H + damping`` read from ``factors`` at
 ``s_offsets[i]`` (``rows[i]`` entries) and ``h_offsets[i]`` (``numel / rows`` entries), or
 ``F = 1`` when ``layers[i] < 0`` or that layer's two segments are not both ``blended`` yet::
@@ -20,7 +20,7 @@ floats only. Each op has
     p ← p·(1 − lr·wd)                    (decoupled)
     p ← p − lr/(1−βᵗ) · m / F
 
-``update_factors`` (SPEC §3), for every segment ``k`` (``[segment_offsets[k],
+``update_factors`` (docs/algorithm.md §3), for every segment ``k`` (``[segment_offsets[k],
 segment_offsets[k+1])``; segment ``2l`` is layer ``l``'s H, ``2l + 1`` its S) whose layer has
 ``pending_count[l] > 0``: average, discard and count non-finite vectors (``nonfinite[k] += 1``),
 min-max normalize, blend ``factors ← gamma_keep·factors + gamma_new·normalized``, mark

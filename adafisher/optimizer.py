@@ -116,9 +116,9 @@ class AdaFisher(torch.optim.Optimizer):
         self._layers: dict[int, TrackedLayer] = {}  # id(module) → its slot
         self._module_order: dict[str, int] = {}  # layer name → position in the model
         self._factor_index: dict[int, tuple[FactorIndex, FactorBuffers]] = {}  # id(param) → …
-        # Optimizer steps taken (docs/algorithm.md §4 counts them from 0). Kept on a plain object: under
-        # torch.compile, attribute writes on the optimizer itself are dropped from a traced
-        # step that also runs tensor ops, while writes to other objects are replayed.
+        # Optimizer steps taken (docs/algorithm.md §4 counts them from 0). Kept on a plain
+        # object: under torch.compile, attribute writes on the optimizer itself are dropped
+        # from a traced step that also runs tensor ops, while writes to other objects are kept.
         self._schedule = StatisticsSchedule()
         self._collector: StatisticsCollector | None = None
         self._already_hooked: list[str] = []  # layers another live optimizer hooks too
@@ -242,8 +242,9 @@ class AdaFisher(torch.optim.Optimizer):
     def _new_layer(
         self, name: str, kind, module: nn.Module, param: torch.Tensor, owner: nn.Module | None
     ) -> TrackedLayer:
-        # One buffer per (device, factor dtype): float64 factors for float64 layers (SPEC §1),
-        # fp32 for every other dtype; a device holding both kinds has two buffers.
+        # One buffer per (device, factor dtype): float64 factors for float64 layers
+        # (docs/algorithm.md §1), fp32 for every other dtype; a device holding both kinds has
+        # two buffers.
         dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
         buffers = self._buffers.get((param.device, dtype))
         if buffers is None:

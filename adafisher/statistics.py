@@ -89,7 +89,7 @@ def layernorm_output_statistic(module: nn.LayerNorm, g: torch.Tensor, batch: int
 
 
 def has_samples(kind: LayerKind, x: torch.Tensor, output: torch.Tensor) -> bool:
-    """Whether a pass carries samples (SPEC §4: a pass with zero samples adds nothing).
+    """Whether a pass carries samples (docs/algorithm.md §4: a pass with zero samples adds nothing).
 
     Linear: rows of x (a zero-width layer, ``Linear(0, n)`` or ``Linear(n, 0)``, still has
     rows); conv: output positions over the batch; norm layers: elements of x."""

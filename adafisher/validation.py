@@ -45,7 +45,7 @@ def check_number(
 
 
 def check_group_hyperparameters(group: dict[str, Any]) -> None:
-    """SPEC §6: lr and weight_decay finite ≥ 0, damping finite > 0, beta in [0, 1)."""
+    """docs/algorithm.md §6: lr and weight_decay finite ≥ 0, damping finite > 0, beta in [0, 1)."""
     lr = group["lr"]
     if isinstance(lr, torch.Tensor):  # a device lr (capturable steps); read once per change
         if lr.numel() != 1 or not lr.is_floating_point():
