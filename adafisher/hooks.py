@@ -21,7 +21,6 @@ inert no-op: model copies never feed, or fail on, the original optimizer.
 from __future__ import annotations
 
 import functools
-import sys
 import weakref
 from dataclasses import dataclass
 
@@ -31,6 +30,7 @@ from torch.autograd.graph import get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
 from . import autograd_statistics, fsdp
+from ._compile import outside_compiled_graphs
 from .backends.base import Backend
 from .factors import FactorBuffers, LayerSlot
 from .layers import LayerKind
@@ -110,41 +110,13 @@ def live_hook_on(module: nn.Module) -> bool:
     )
 
 
-def _outside_compiled_graphs(fn):
-    """``torch.compiler.disable(fn)``, applied on first use rather than at import.
-
-    Why: ``torch.compiler.disable`` imports ``torch._dynamo``, which more than doubles the time of
-    ``import adafisher``. While ``torch._dynamo`` is not imported nothing can be compiling, so
-    ``fn`` runs as is; once it is, calls go through the disabled wrapper (created then, once).
-    """
-    disabled = None
-
-    @functools.wraps(fn)
-    def call(*args, **kwargs):
-        nonlocal disabled
-        if disabled is None:
-            if "torch._dynamo" not in sys.modules:
-                return fn(*args, **kwargs)
-            disabled = torch.compiler.disable(fn)
-        return disabled(*args, **kwargs)
-
-    def prepare() -> None:
-        # creating the wrapper inside a traced hook costs one extra graph break: do it eagerly
-        # when torch._dynamo is already loaded
-        nonlocal disabled
-        if disabled is None and "torch._dynamo" in sys.modules:
-            disabled = torch.compiler.disable(fn)
-
-    call.prepare = prepare
-    return call
-
-
 class StatisticsCollector:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.collecting = True  # set by the optimizer: does the coming step take statistics?
         self._handles: list[RemovableHandle] = []
         StatisticsCollector._collect.prepare()
+        _projection_input.prepare()
 
     @property
     def hooked(self) -> bool:
@@ -188,7 +160,7 @@ class StatisticsCollector:
     # Under torch.compile the checks above are traced (a step without statistics keeps one
     # whole graph); gathering statistics runs eagerly, outside the graph, instead of being
     # retraced for every layer.
-    @_outside_compiled_graphs
+    @outside_compiled_graphs
     def _collect(self, layer: TrackedLayer, module, x: torch.Tensor, output: torch.Tensor) -> None:
         if x.device != layer.buffers.device:
             raise RuntimeError(
@@ -270,7 +242,7 @@ def _accumulates(accumulator) -> bool:
 _MATMUL_INPUT = {"AddmmBackward0": "_saved_mat1", "MmBackward0": "_saved_self"}
 
 
-@torch.compiler.disable
+@outside_compiled_graphs
 def _projection_input(out: torch.Tensor, out_proj: nn.Linear) -> torch.Tensor | None:
     """The input autograd saved for ``out_proj``'s matmul, found a few nodes below the
     attention output (rows × in_features), or None if the graph has another layout."""

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ._compile import outside_compiled_graphs
 from .factors import FactorBuffers
 from .layers import FactorIndex
 
@@ -51,6 +52,7 @@ class GroupPlan:
 class StepPlan:
     def __init__(self) -> None:
         self._groups: dict[int, GroupPlan] = {}  # id(group["params"]) → plan
+        _build.prepare()
 
     def forget(self) -> None:
         """Drop every cached plan (the optimizer's state was replaced, e.g. by a load)."""
@@ -90,7 +92,7 @@ class StepPlan:
 
 # Built eagerly (a graph break under torch.compile on the steps that rebuild, like
 # torch.optim's lazy state initialization); steady-state steps trace into one graph.
-@torch.compiler.disable
+@outside_compiled_graphs
 def _build(optimizer, params: list[torch.Tensor], grads: list, has_grad: tuple) -> GroupPlan:
     factor_index: dict[int, tuple[FactorIndex, FactorBuffers]] = optimizer._factor_index
     launches: dict[torch.device, DeviceLaunch] = {}
