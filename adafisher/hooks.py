@@ -115,6 +115,8 @@ class StatisticsCollector:
         self.backend = backend
         self.collecting = True  # set by the optimizer: does the coming step take statistics?
         self._handles: list[RemovableHandle] = []
+        # layers whose passes since the last statistics step had no samples (not "unfed")
+        self.seen_without_samples: set[str] = set()
         StatisticsCollector._collect.prepare()
         _projection_input.prepare()
 
@@ -169,6 +171,7 @@ class StatisticsCollector:
             )
         kind = layer.slot.kind
         if not has_samples(kind, x, output):  # an empty batch, an expert given no tokens
+            self.seen_without_samples.add(layer.slot.name)  # fed nothing, by design
             return
         is_norm = kind is LayerKind.BATCHNORM or kind is LayerKind.LAYERNORM
         h_hat = None

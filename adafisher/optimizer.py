@@ -357,6 +357,8 @@ class AdaFisher(torch.optim.Optimizer):
             # when nothing is pending, and no host flag decides what a traced step runs.
             if self._plan is not None or buffers.has_pending:
                 self._backend.update_factors(buffers, self.gammas)
+        if takes_statistics:
+            self._collector.seen_without_samples.clear()
         if plans is not None:
             for group, (plan, grads) in zip(self.param_groups, plans):
                 self._plan.launch(plan, grads, group, self.decoupled_weight_decay)
@@ -384,6 +386,7 @@ class AdaFisher(torch.optim.Optimizer):
         for slot in buffers.slots:
             if slot.index in with_grads and counts[slot.index] == 0 and (
                 slot.name not in self._unfed_warned
+                and slot.name not in self._collector.seen_without_samples
             ):
                 self._unfed_warned.add(slot.name)
                 warnings.warn(
