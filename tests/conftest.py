@@ -18,6 +18,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+@pytest.fixture
+def one_thread():
+    """Tiny ops: thread hand-offs cost more than they save; the setting is restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 # Hypothesis keeps its example database in ./.hypothesis by default: keep it in a temporary
 # folder instead, so that the test run leaves nothing in the checkout.
 _HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="adafisher-hypothesis-")

@@ -29,12 +29,7 @@ def _pending(opt) -> tuple[torch.Tensor, torch.Tensor]:
     return buffers.pending.clone(), buffers.pending_count.clone()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

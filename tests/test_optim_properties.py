@@ -29,13 +29,7 @@ from adafisher import AdaFisher, AdaFisherW
 BACKENDS = ["torch", "triton"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops: one thread is fastest, and the setting is restored for later tests."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------ helpers

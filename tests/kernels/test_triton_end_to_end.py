@@ -34,13 +34,7 @@ class Tiny(nn.Module):
         return self.fc(self.norm(y)) * self.scale
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops: thread hand-offs cost more than they save (and the lead's tests share CPUs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(steps: int, batch: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
