@@ -90,7 +90,11 @@ def ensure_venv() -> Path:
     run([*pip, "--upgrade", "pip"])
     index = ["--extra-index-url", CPU_INDEX] if CPU_INDEX and reachable(CPU_INDEX) else []
     run([*pip, *index, TORCH])
-    run([*pip, "-e", f".[{EXTRAS}]"])
+    # The compiled kernels (adafisher._C) build only when torch is visible to the build: no
+    # build isolation, so the build tools come first (without a compiler the package still
+    # installs, on the pure-PyTorch backend).
+    run([*pip, "setuptools>=77", "wheel", "ninja"])
+    run([*pip, "--no-build-isolation", "-e", f".[{EXTRAS}]"])
     STAMP.write_text(stamp + "\n")  # last: an interrupted install is redone next time
     return python
 
