@@ -101,7 +101,3 @@ class GroupChecker:
             if group.get("momentum") is not None:
                 group["beta"] = group["momentum"] = candidate["beta"]
             self._seen[id(group)] = self._values(group)
-
-    def forget(self) -> None:
-        """Drop the cache (param groups were replaced, e.g. by ``load_state_dict``)."""
-        self._seen.clear()
