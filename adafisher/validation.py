@@ -101,3 +101,6 @@ class GroupChecker:
             if group.get("momentum") is not None:
                 group["beta"] = group["momentum"] = candidate["beta"]
             self._seen[id(group)] = self._values(group)
+        if len(self._seen) > len(groups):  # groups replaced (load_state_dict): forget the old
+            live = {id(group) for group in groups}
+            self._seen = {k: v for k, v in self._seen.items() if k in live}
