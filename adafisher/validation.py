@@ -114,7 +114,6 @@ class GroupChecker:
             if group.get("momentum") is not None:
                 group["beta"] = group["momentum"] = candidate["beta"]
             self._seen[id(group)] = self._values(group)
-
-    def forget(self) -> None:
-        """Drop the cache (param groups were replaced, e.g. by ``load_state_dict``)."""
-        self._seen.clear()
+        if len(self._seen) > len(groups):  # groups replaced (load_state_dict): forget the old
+            live = {id(group) for group in groups}
+            self._seen = {k: v for k, v in self._seen.items() if k in live}
