@@ -201,15 +201,28 @@ def rank_worker(rank: int, world: int, out: str) -> None:
     }
     del model, opt
 
-    # unsupported layouts are refused, naming the parameter
+    # HSDP: a 2-D mesh, replicated over its first dim (of size 1 here), sharded over the second
+    hsdp = DeviceMesh("cpu", [list(range(world))], mesh_dim_names=("replicate", "shard"))
+    model = shard_model(make_model(), mesh=hsdp)
+    opt = AdaFisher(model, factor_interval=1, **HYPER)
+    train(model, opt, batches(), rank, world)
+    results["hsdp"] = full_params(model)
+    results["hsdp_placements"] = next(model.parameters()).placements
+    del model, opt
+
+    # unsupported layouts are refused, naming the parameter: another shard dim, and tensor
+    # parallelism's second sharded mesh dim
     mesh = DeviceMesh("cpu", list(range(world)))
-    model = make_model()
-    model[3].weight = nn.Parameter(distribute_tensor(model[3].weight.detach(), mesh, [Shard(1)]))
-    try:
-        AdaFisher(model)
-        results["shard1"] = None
-    except ValueError as exc:
-        results["shard1"] = str(exc)
+    for case, layout_mesh, placements in (("shard1", mesh, [Shard(1)]),
+                                          ("tp", hsdp, [Shard(0), Shard(0)])):
+        model = make_model()
+        weight = distribute_tensor(model[3].weight.detach(), layout_mesh, placements)
+        model[3].weight = nn.Parameter(weight)
+        try:
+            AdaFisher(model)
+            results[case] = None
+        except ValueError as exc:
+            results[case] = str(exc)
 
     # checkpoints: 2 ranks save, then continue (uninterrupted) or resume from DCP
     data = batches(SAVE_AT + RESUME_STEPS, seed=2)
@@ -306,6 +319,20 @@ def test_fsdp2_mixed_precision_steps_fp32_shards_with_fp32_statistics(ranks):
 def test_fsdp2_refuses_sharding_on_another_dim_naming_the_parameter(ranks):
     message = ranks[0]["shard1"]
     assert message is not None and "'3.weight'" in message and "Shard(dim=1)" in message
+
+
+def test_fsdp2_refuses_a_second_sharded_mesh_dim_as_in_tensor_parallelism(ranks):
+    message = ranks[0]["tp"]
+    assert message is not None and "'3.weight'" in message and "tensor parallelism" in message
+
+
+def test_hsdp_follows_single_process_full_batch_training(ranks):
+    results = ranks[0]
+    assert len(results["hsdp_placements"]) == 2  # (Replicate(), Shard(0))
+    model = make_model()
+    opt = AdaFisher(model, factor_interval=1, **HYPER)
+    train(model, opt, batches())
+    assert_trajectory_close(results["hsdp"], model)
 
 
 def test_dcp_resume_on_two_ranks_is_bitwise_identical(ranks):
