@@ -17,7 +17,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from .. import statistics
+from .. import autograd_statistics, statistics
 from ..factors import FactorBuffers, LayerSlot
 from ..functional import adafisher_update, preconditioner
 from ..layers import FactorIndex, LayerKind
@@ -72,6 +72,7 @@ class TritonBackend:
         blend, fused_step, statistics_adapter = _kernels()
         self._blend, self._fused, self._stats = blend, fused_step, statistics_adapter
         self._segments = SegmentTables()
+        self._scratch = statistics_adapter.ScratchPool()
         self._step_tables = fused_step.StepTables()
 
     @classmethod
@@ -102,7 +103,14 @@ class TritonBackend:
     def input_statistic(self, kind: LayerKind, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not _runs_on(x.device, self.interpreted):
             return statistics.input_statistic(kind, module, x)
-        return self._stats.input_statistic(kind, module, x)
+        return self._stats.input_statistic(kind, module, x, self._scratch)
+
+    def batchnorm_input_statistic(
+        self, module: nn.Module, output: torch.Tensor, x: torch.Tensor
+    ) -> torch.Tensor | None:
+        if not _runs_on(x.device, self.interpreted):
+            return autograd_statistics.batchnorm_input_statistic(output, x)
+        return self._stats.batchnorm_input_statistic(module, output, x, self._scratch)
 
     def commit_pass(
         self,
@@ -118,7 +126,7 @@ class TritonBackend:
                 buffers, slot, module, h_hat, grad_output, batch
             )
             return
-        self._stats.commit_pass(buffers, slot, module, h_hat, grad_output, batch)
+        self._stats.commit_pass(buffers, slot, module, h_hat, grad_output, batch, self._scratch)
 
     def update_factors(self, buffers: FactorBuffers, gammas: Sequence[float]) -> None:
         if not _runs_on(buffers.device, self.interpreted):
