@@ -1,8 +1,8 @@
-"""Conv Ĥ without im2col (SPEC §2), in two launches.
+"""Conv Ĥ without im2col (SPEC §2): two launches, one for a 1×1 conv without padding.
 
 1. ``batch_squares``: one read of the activation. ``X2[c mod C/groups, l] += Σ_b x[b, c, l]²``
    (fp32 atomics), folding the groups as it goes; NCHW and channels_last read coalesced, and
-   the scratch is ``C/groups × positions`` floats, independent of the batch size.
+   the scratch is ``C/groups × positions`` floats (channel-major), independent of the batch.
 2. ``patch_sums``: for every patch element (c, k₁, k₂, k₃) sum X2 over the input positions that
    offset k reads at each output position (``o·stride + k·dilation − pad``, zero padding reads
    nothing), divided by ``B · positions_out · groups``; the bias entry is 1.
@@ -76,8 +76,10 @@ def _patch_sums_kernel(
     HAS_BIAS: tl.constexpr, WIDE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_O: tl.constexpr,
 ):
-    pid_c = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    # (channel tile, kernel offset tile) flattened on grid axis 0: no axis past 65,535
+    k_tiles = tl.cdiv(n_k, BLOCK_K)
+    pid_c = tl.program_id(0) // k_tiles
+    pid_k = tl.program_id(0) % k_tiles
     pid_o = tl.program_id(2)
     k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     k_mask = k < n_k
@@ -136,11 +138,13 @@ def squares_geometry(
     per_group = channels // groups
     tile = 4096 if gpu else 1 << 16
     channels_last = s_c == 1 and s_l != 1
-    o_sc, o_sl = (1, per_group) if channels_last else (length, 1)  # X2 laid out like x
-    # A sample stored as one contiguous run of C·L elements (NCHW; channels_last without
-    # groups) is read as a flat row: full tiles whatever the spatial size (7×7 included).
+    # X2 is channel-major whatever x's layout, so the patch stage reads positions contiguously
+    # (coalesced); a channels_last x is read along channels and scattered once per program.
+    o_sc, o_sl = length, 1
+    # A sample stored as one contiguous run of C·L elements (NCHW) is read as a flat row: full
+    # tiles whatever the spatial size (7×7 included).
     nchw_run = s_l == 1 and (s_c == length or channels == 1)
-    cl_run = groups == 1 and s_c == 1 and (s_l == channels or length == 1)
+    cl_run = length == 1 and s_c == 1
     if nchw_run or cl_run:
         args = (1, channels * length, s_b, 0, 1, 1, 0, 1)
         block_c, block_l = 1, pow2(channels * length, high=tile)
@@ -304,5 +308,5 @@ def patch_geometry(
     c_tiles, k_tiles = tiles(per_group, block_c), tiles(n_k, block_k)
     o_per, o_parts = split(triton.cdiv(n_positions, block_o),
                            1 if whole else programs // (c_tiles * k_tiles))
-    return PatchGeometry(ints, (c_tiles, k_tiles, o_parts), o_per * block_o, n_k, block_c,
+    return PatchGeometry(ints, (c_tiles * k_tiles, 1, o_parts), o_per * block_o, n_k, block_c,
                          block_k, block_o)
