@@ -71,7 +71,10 @@ class _OpCounter(TorchDispatchMode):
 def _arg_key(value: Any) -> str:
     """Triton's specialization of one runtime argument (as its JIT keys it)."""
     if isinstance(value, torch.Tensor):
-        aligned = value.data_ptr() % 16 == 0 or value.device.type == "meta"
+        if value.device.type == "meta":  # allocations are aligned; views keep their offset
+            aligned = value.storage_offset() * value.element_size() % 16 == 0
+        else:
+            aligned = value.data_ptr() % 16 == 0
         return f"*{str(value.dtype).removeprefix('torch.')}{':16' if aligned else ''}"
     if isinstance(value, bool):
         return f"i1={int(value)}"
