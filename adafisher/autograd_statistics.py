@@ -58,6 +58,16 @@ def batchnorm_input_statistic(output: torch.Tensor, x: torch.Tensor) -> torch.Te
 
 def batchnorm_channel_sums(output: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
     """Σ_{b,t} x per channel from the batch mean BatchNorm saved in training mode, or None."""
+    saved = batchnorm_saved_mean(output, x)
+    if saved is None:
+        return None
+    mean, count = saved
+    return mean.to(statistics.accumulation_dtype(mean)) * count
+
+
+def batchnorm_saved_mean(output: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """``(batch mean per channel, elements per channel)`` BatchNorm saved in training mode, or
+    None."""
     node = output.grad_fn
     if node is None or type(node).__name__ not in _BATCHNORM_NODES:
         return None
@@ -65,5 +75,4 @@ def batchnorm_channel_sums(output: torch.Tensor, x: torch.Tensor) -> torch.Tenso
     channels = x.shape[1] if x.dim() >= 2 else x.shape[0]
     if not isinstance(mean, torch.Tensor) or mean.numel() != channels:
         return None  # eval mode saves no batch mean
-    count = x.numel() // channels
-    return mean.to(statistics.accumulation_dtype(mean)) * count
+    return mean, x.numel() // channels

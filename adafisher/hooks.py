@@ -177,7 +177,7 @@ class StatisticsCollector:
         h_hat = None
         if kind is LayerKind.BATCHNORM:  # from the batch mean BatchNorm already computed
             h_hat = _without_autocast_or_grad(
-                x.device, autograd_statistics.batchnorm_input_statistic, output, x
+                x.device, self.backend.batchnorm_input_statistic, module, output, x
             )
         if h_hat is None:
             h_hat = _without_autocast_or_grad(

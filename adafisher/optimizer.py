@@ -303,6 +303,18 @@ class AdaFisher(torch.optim.Optimizer):
         """How many fresh H or S vectors were discarded for holding NaN/Inf (algorithm.md §3)."""
         return int(sum(int(b.nonfinite.sum()) for b in self._buffers.values()))
 
+    @property
+    def slow_path_parameters(self) -> dict[str, str]:
+        """Parameters the backend updates one by one on its plain-torch path instead of its
+        fused step (name in the model → why), e.g. a weight whose gradient is laid out
+        differently. Empty on the torch backend, which has only that path."""
+        slow = getattr(self._backend, "slow_path_parameters", None)
+        if slow is None:
+            return {}
+        model = self._model()
+        names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
+        return {names.get(id(p), f"<parameter {tuple(p.shape)}>"): why for p, why in slow()}
+
     def factors(self, layer_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of ``(H, S)`` of a tracked layer, by its qualified name in the model."""
         for buffers in self._buffers.values():

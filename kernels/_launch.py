@@ -28,8 +28,19 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+# Shapes-only runs (meta device: launch census, specialization keys) plan for an H100/H200.
+_META_SMS = 132
+
+
+def gpu_like(device: torch.device) -> bool:
+    """Plan launches for a GPU: CUDA tensors, and meta tensors (shapes-only runs)."""
+    return device.type in ("cuda", "meta")
+
+
 def target_programs(device: torch.device) -> int:
     """About how many programs a reduction should spread over (a few waves per SM)."""
+    if device.type == "meta":
+        return 8 * _META_SMS
     if device.type != "cuda":
         return 1
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -38,7 +49,7 @@ def target_programs(device: torch.device) -> int:
 
 def tile_elements(device: torch.device) -> int:
     """Elements per tile: registers on a GPU, numpy vector length under the interpreter."""
-    return 4096 if device.type == "cuda" else 1 << 16
+    return 4096 if gpu_like(device) else 1 << 16
 
 
 def split(total: int, parts: int) -> tuple[int, int]:

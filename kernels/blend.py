@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import pow2
+from ._launch import gpu_like, pow2
 
 # Globals read inside a compiled kernel must be constexpr.
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
@@ -88,7 +88,7 @@ def update_factors(
     ``longest`` is the longest segment. ``block`` overrides the tile size (tests)."""
     n_layers = pending_count.numel()
     if n_layers:
-        on_gpu = factors.device.type == "cuda"
+        on_gpu = gpu_like(factors.device)
         block = block or pow2(longest, low=16, high=1024 if on_gpu else 1 << 16)
         _blend_kernel[(n_layers,)](
             factors, pending, pending_count, blended, nonfinite, table,

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import gpu_like
 from ._tables import device_table, float_bits
 
 # Tile and chunk sizes on a GPU (elements): untuned guesses, no GPU was available when written.
@@ -277,7 +278,7 @@ def fused_step(
             item.param.numel(), cols, *tables.magic(cols), inner, *tables.magic(inner),
             *place, neg_step,
         ]
-    on_gpu = device.type == "cuda"
+    on_gpu = gpu_like(device)  # meta: shapes-only runs plan for a GPU
     if not on_gpu:
         cpu_block = triton.next_power_of_2(max(16, max(item.param.numel() for item in items)))
         block = block or min(CPU_BLOCK, cpu_block)

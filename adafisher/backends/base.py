@@ -43,6 +43,11 @@ class Backend(Protocol):
     def input_statistic(self, kind: LayerKind, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Ĥ of one forward pass (fp32 vector of the layer's H length)."""
 
+    def batchnorm_input_statistic(
+        self, module: nn.Module, output: torch.Tensor, x: torch.Tensor
+    ) -> torch.Tensor | None:
+        """BatchNorm's Ĥ from the batch mean its autograd node saved, or None if there is none."""
+
     def commit_pass(
         self,
         buffers: FactorBuffers,

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .. import statistics
+from .. import autograd_statistics, statistics
 from ..factors import FactorBuffers, LayerSlot
 from ..functional import adafisher_update, preconditioner
 from ..layers import LayerKind
@@ -51,6 +51,11 @@ class TorchBackend:
 
     def input_statistic(self, kind: LayerKind, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return statistics.input_statistic(kind, module, x)
+
+    def batchnorm_input_statistic(
+        self, module: nn.Module, output: torch.Tensor, x: torch.Tensor
+    ) -> torch.Tensor | None:
+        return autograd_statistics.batchnorm_input_statistic(output, x)
 
     def commit_pass(
         self,

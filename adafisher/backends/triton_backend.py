@@ -11,6 +11,7 @@ row-major or channels_last.
 from __future__ import annotations
 
 import os
+import warnings
 import weakref
 from collections.abc import Iterable, Sequence
 from types import ModuleType
@@ -18,7 +19,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from .. import statistics
+from .. import autograd_statistics, statistics
 from ..factors import FactorBuffers, LayerSlot
 from ..functional import adafisher_update, preconditioner
 from ..layers import FactorIndex, LayerKind
@@ -73,6 +74,10 @@ class TritonBackend:
         blend, fused_step, statistics_adapter = _kernels()
         self._blend, self._fused, self._stats = blend, fused_step, statistics_adapter
         self._segments = SegmentTables()
+        # id(param) → (weak reference, reason): parameters the fused step could not take
+        self.slow_path: dict[int, tuple[weakref.ref, str]] = {}
+        self._warned_slow_path = False
+        self._scratch = statistics_adapter.ScratchPool()
         self._step_tables = fused_step.StepTables()
 
     @classmethod
@@ -103,7 +108,14 @@ class TritonBackend:
     def input_statistic(self, kind: LayerKind, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float64 or not _runs_on(x.device, self.interpreted):
             return statistics.input_statistic(kind, module, x)
-        return self._stats.input_statistic(kind, module, x)
+        return self._stats.input_statistic(kind, module, x, self._scratch)
+
+    def batchnorm_input_statistic(
+        self, module: nn.Module, output: torch.Tensor, x: torch.Tensor
+    ) -> torch.Tensor | None:
+        if x.dtype == torch.float64 or not _runs_on(x.device, self.interpreted):
+            return autograd_statistics.batchnorm_input_statistic(output, x)
+        return self._stats.batchnorm_input_statistic(module, output, x, self._scratch)
 
     def commit_pass(
         self,
@@ -123,7 +135,7 @@ class TritonBackend:
                 buffers, slot, module, h_hat, grad_output, batch
             )
             return
-        self._stats.commit_pass(buffers, slot, module, h_hat, grad_output, batch)
+        self._stats.commit_pass(buffers, slot, module, h_hat, grad_output, batch, self._scratch)
 
     def update_factors(self, buffers: FactorBuffers, gammas: Sequence[float]) -> None:
         if buffers.dtype != torch.float32 or not _runs_on(buffers.device, self.interpreted):
@@ -140,8 +152,10 @@ class TritonBackend:
     # ------------------------------------------------------------------------------ step
     def step(self, group: GroupStep) -> None:
         step_item = self._fused.StepItem
-        # One launch per (device, param dtype, grad dtype); its tracked parameters must share
-        # one FactorBuffers (the optimizer keeps one per device), untracked ones join any.
+        # One launch per (device, param dtype, grad dtype, alignment): one misaligned parameter
+        # gets its own launch instead of turning off vector loads for all. Its tracked
+        # parameters must share one FactorBuffers (the optimizer keeps one per device),
+        # untracked ones join any.
         launches: dict[tuple, list] = {}
         owners: dict[tuple, FactorBuffers] = {}
         for i, param in enumerate(group.params):
@@ -149,14 +163,19 @@ class TritonBackend:
                 continue
             grad, exp_avg = group.grads[i], group.exp_avgs[i]
             index, buffers = group.indices[i], group.buffers[i]
-            inner = self._fusable(param, grad, exp_avg, index, buffers)
-            key = (param.device, param.dtype, grad.dtype)
-            if inner is not None and (index is None or owners.setdefault(key, buffers) is buffers):
+            inner, reason = self._fusable(param, grad, exp_avg, index, buffers)
+            aligned = all(t.data_ptr() % 16 == 0 for t in (param, grad, exp_avg))
+            key = (param.device, param.dtype, grad.dtype, aligned)
+            if inner is not None and index is not None and owners.setdefault(
+                    key, buffers) is not buffers:
+                inner, reason = None, "its layer's factors live in another buffer"
+            if inner is not None:
                 place = None if index is None else self._fused.FactorPlace(
                     index.layer, index.cols, index.h_offset, index.s_offset)
                 item = step_item(param, grad, exp_avg, group.steps[i], place, inner)
                 launches.setdefault(key, []).append(item)
             else:
+                self._note_slow_path(param, reason)
                 _reference_update(param, grad, exp_avg, group.steps[i], index, buffers, group)
         for key, items in launches.items():
             buffers = owners.get(key)
@@ -169,6 +188,31 @@ class TritonBackend:
                 maximize=group.maximize,
             )
 
+    def _note_slow_path(self, param: torch.Tensor, reason: str) -> None:
+        """Record a parameter updated by the per-parameter torch path; warn the first time."""
+        if id(param) in self.slow_path:
+            return
+        self.slow_path[id(param)] = (weakref.ref(param), reason)
+        if not self._warned_slow_path:
+            self._warned_slow_path = True
+            warnings.warn(
+                f"AdaFisher (backend='triton'): a parameter of shape {tuple(param.shape)} is "
+                f"updated by the per-parameter torch path ({reason}), several launches and a "
+                "full-size F instead of the fused step; see optimizer.slow_path_parameters "
+                "for all of them. Warned once.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def slow_path_parameters(self) -> list[tuple[torch.Tensor, str]]:
+        """``(parameter, reason)`` for every live parameter that took the torch path."""
+        live = []
+        for ref, reason in self.slow_path.values():
+            param = ref()
+            if param is not None:
+                live.append((param, reason))
+        return live
+
     def _fusable(
         self,
         param: torch.Tensor,
@@ -176,29 +220,32 @@ class TritonBackend:
         exp_avg: torch.Tensor,
         index: FactorIndex | None,
         buffers: FactorBuffers | None,
-    ) -> int | None:
-        """``inner`` (see ``StepItem``) when the fused kernel can update this parameter."""
+    ) -> tuple[int | None, str]:
+        """``(inner, "")`` (see ``StepItem``) when the fused kernel can update this parameter,
+        else ``(None, why not)``."""
         dtypes = self._fused.FUSED_DTYPES
         if param.dtype not in dtypes or grad.dtype not in dtypes or exp_avg.dtype != param.dtype:
-            return None
+            return None, f"dtype {param.dtype} / gradient {grad.dtype}"
         if not _runs_on(param.device, self.interpreted):
-            return None
+            return None, f"device {param.device}"
         if grad.device != param.device or exp_avg.device != param.device:
-            return None
+            return None, "gradient or momentum on another device"
         if grad.shape != param.shape or exp_avg.shape != param.shape:
-            return None
+            return None, "gradient shape differs"
         if grad.stride() != param.stride() or exp_avg.stride() != param.stride():
-            return None
+            return None, "gradient or momentum strides differ from the parameter's"
         if index is None:
-            return 1 if _dense(param) else None
-        if buffers is None or buffers.device != param.device or buffers.dtype != torch.float32:
-            return None
+            return (1, "") if _dense(param) else (None, "not dense in memory")
+        if buffers is None or buffers.device != param.device:
+            return None, "its layer's factors live on another device"
+        if buffers.dtype != torch.float32:
+            return None, f"float64 factors ({buffers.dtype})"
         if param.is_contiguous():
-            return index.cols
+            return index.cols, ""
         layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(param.dim())
         if layout is not None and param.is_contiguous(memory_format=layout):
-            return param.shape[1]
-        return None
+            return param.shape[1], ""
+        return None, "layout neither row-major nor channels_last"
 
 
 class SegmentTables:

@@ -68,9 +68,11 @@ def step_cases() -> dict[str, dict[str, int]]:
 def reduction_cases() -> dict[str, dict[str, int]]:
     base = dict(x_ptr="*bf16", out_ptr="*fp32", A="i32", C="i32", L="i32", s_a="i32",
                 s_c="i32", s_l="i32", a_per="i32", l_per="i32", divisor="fp32",
-                h_src="*fp32", h_dst="*fp32", h_len="i32", count_ptr="*fp32", SQUARE=True,
-                TAIL_ONE=False, COMMIT=True, WIDE=False, BLOCK_A=1, BLOCK_H=1024)
-    aligned = ("x_ptr", "out_ptr", "C", "L", "s_a", "s_c", "s_l", "l_per")
+                post_divisor="fp32", second="fp32", h_src="*fp32", h_dst="*fp32", h_len="i32",
+                count_ptr="*fp32", clear_ptr="*fp32", clear_len="i64", clear_per="i64",
+                SQUARE=True, POST=0, TAIL_ONE=False, COMMIT=True, CLEAR=True, WIDE=False,
+                BLOCK_A=1, BLOCK_H=1024)
+    aligned = ("x_ptr", "out_ptr", "C", "L", "s_a", "s_c", "s_l", "l_per", "clear_ptr")
     return {
         # conv Ŝ at (256, 64, 56, 56): NCHW (positions contiguous) and channels_last
         "reduce_nchw": compile_kernel(reductions._channel_reduce_kernel,
@@ -82,26 +84,27 @@ def reduction_cases() -> dict[str, dict[str, int]]:
         "reduce_wide": compile_kernel(reductions._channel_reduce_kernel,
                                       {**base, "s_c": 1, "WIDE": True, "BLOCK_C": 128,
                                        "BLOCK_L": 16}, aligned),
-        "square_sum_pair": compile_kernel(reductions._square_sum_pair_kernel,
-                                          dict(sums="*fp32", out="*fp32", C="i32",
-                                               divisor="fp32", second="fp32", BLOCK=1024)),
-        "square_commit": compile_kernel(reductions._square_commit_kernel,
-                                        dict(sums="*fp32", s_dst="*fp32", C="i32",
-                                             divisor="fp32", h_src="*fp32", h_dst="*fp32",
-                                             h_len="i32", count_ptr="*fp32", BLOCK=1024)),
+        # norm-layer Ĥ (Σ_c of squared channel sums) and Ŝ (squared sums) in one launch
+        "reduce_norm_h": compile_kernel(reductions._channel_reduce_kernel,
+                                        {**base, "x_ptr": "*fp32", "SQUARE": False, "POST": 2,
+                                         "COMMIT": False, "CLEAR": False, "s_l": 1,
+                                         "BLOCK_C": 4, "BLOCK_L": 1024}, aligned),
+        "reduce_norm_s": compile_kernel(reductions._channel_reduce_kernel,
+                                        {**base, "SQUARE": False, "POST": 1, "s_l": 1,
+                                         "BLOCK_C": 4096, "BLOCK_L": 1}, aligned),
     }
 
 
 def conv_cases() -> dict[str, dict[str, int]]:
     squares = dict(x_ptr="*bf16", out_ptr="*fp32", B="i32", C="i32", L="i32", s_b="i32",
                    s_c="i32", s_l="i32", per_group="i32", o_sc="i32", o_sl="i32", b_per="i32",
-                   fold="i32", GROUPED=False, FOLD=False, BLOCK_B=1)
+                   fold="i32", GROUPED=False, FOLD=False, WIDE=False, BLOCK_B=1)
     aligned = ("x_ptr", "out_ptr", "C", "L", "s_b", "s_c", "s_l", "per_group", "o_sc", "o_sl")
     ints = {name: "i32" for name in ("per_group", "o_sc", "o_sl", "L1", "L2", "L3", "K2", "K3",
                                       "S1", "S2", "S3", "D1", "D2", "D3", "P1", "P2", "P3",
                                       "N1", "N2", "N3", "o_per", "n_k", "h_len")}
     patch = dict(x2_ptr="*fp32", h_ptr="*fp32", divisor="fp32", **ints, HAS_BIAS=True,
-                 BLOCK_C=8, BLOCK_K=1, BLOCK_O=512)
+                 WIDE=False, BLOCK_C=8, BLOCK_K=1, BLOCK_O=512)
     return {
         "batch_squares_nchw": compile_kernel(conv_patch._batch_squares_kernel,
                                              {**squares, "s_l": 1, "o_sl": 1, "BLOCK_C": 4,
@@ -112,9 +115,13 @@ def conv_cases() -> dict[str, dict[str, int]]:
                                               "o_sl": 1, "FOLD": True, "BLOCK_C": 1,
                                               "BLOCK_L": 4096}, aligned),
         "batch_squares_channels_last": compile_kernel(conv_patch._batch_squares_kernel,
-                                                      {**squares, "s_c": 1, "o_sc": 1,
+                                                      {**squares, "s_c": 1, "o_sl": 1,
                                                        "BLOCK_C": 64, "BLOCK_L": 64}, aligned),
+        "batch_squares_wide": compile_kernel(conv_patch._batch_squares_kernel,
+                                             {**squares, "s_l": 1, "o_sl": 1, "WIDE": True,
+                                              "BLOCK_C": 4, "BLOCK_L": 1024}, aligned),
         "patch_sums": compile_kernel(conv_patch._patch_sums_kernel, patch),
+        "patch_sums_wide": compile_kernel(conv_patch._patch_sums_kernel, {**patch, "WIDE": True}),
     }
 
 

@@ -50,5 +50,6 @@ def test_statistics_read_16_bytes_at_a_time_and_add_relaxed(ptx_facts) -> None:
 
 
 def test_every_kernel_compiled(ptx_facts) -> None:
-    assert set(ptx_facts) >= {"step_fp32", "step_bf16", "reduce_wide", "square_sum_pair",
-                              "square_commit", "patch_sums", "blend"}
+    assert set(ptx_facts) >= {"step_fp32", "step_bf16", "reduce_wide", "reduce_norm_h",
+                              "reduce_norm_s", "patch_sums", "patch_sums_wide",
+                              "batch_squares_wide", "blend"}

@@ -10,8 +10,7 @@ from adafisher.kernels.reductions import (
     Commit,
     acl_view,
     channel_reduce,
-    square_commit,
-    square_sum_pair,
+    reduce_geometry,
 )
 
 
@@ -94,23 +93,40 @@ def test_acl_view_merges_trailing_dims() -> None:
 
 
 @pytest.mark.parametrize("channels", [1, 6, 1500])
-def test_square_sum_pair_writes_both_entries(channels: int) -> None:
-    sums = randn(channels, seed=5)
+def test_post_square_sum_writes_both_entries(channels: int) -> None:
+    """post 2 (norm-layer Ĥ): ``out[0] += Σ_c (Σ x / divisor)²/pd``, ``out[1] = second/pd``."""
+    x = randn(3, channels, 5, seed=5)
     out = torch.full((3,), float("nan"), device=DEVICE)
-    square_sum_pair(sums, out, 16.0, float(channels))
+    out[0] = 0.0
+    channel_reduce(x, out, 4.0, square=False, post=2, post_divisor=16.0, second=channels)
+    sums = _reference(x, 4.0, False)
     assert rel_err(out[:1], sums.square().sum().reshape(1) / 16.0) < 1e-6
     assert out[1].item() == pytest.approx(channels / 16.0, rel=1e-7)
     assert out[2].isnan()
 
 
 @pytest.mark.parametrize("channels", [1, 7, 1100])
-def test_square_commit(channels: int) -> None:
-    sums, s_prior = randn(channels, seed=6), randn(channels, seed=7)
+def test_post_square_with_commit_and_clear(channels: int) -> None:
+    """post 1 (norm-layer Ŝ) fused with a commit that zeroes its source and a scratch."""
+    g, s_prior = randn(4, channels, seed=6), randn(channels, seed=7)
     h_src, h_prior = randn(2, seed=8), randn(2, seed=9)
+    h_copy = h_src.clone()
+    scratch = randn(37, seed=10)
     s_dst, h_dst = s_prior.clone(), h_prior.clone()
     count = torch.zeros(1, device=DEVICE)
-    square_commit(sums, s_dst, 3.0, Commit(h_src, h_dst, count))
-    assert rel_err(s_dst, s_prior + sums.square() / 3.0) < 1e-6
-    assert torch.equal(h_dst, h_prior + h_src)
+    channel_reduce(g, s_dst, 1.0, square=False, post=1, post_divisor=3.0,
+                   commit=Commit(h_src, h_dst, count, clear=True, scratch=scratch))
+    assert rel_err(s_dst, s_prior + _reference(g, 1.0, False).square() / 3.0) < 1e-6
+    assert torch.equal(h_dst, h_prior + h_copy)
     assert count.item() == 1.0
+    assert not h_src.any() and not scratch.any()
 
+
+def test_geometry_splits_only_when_allowed() -> None:
+    """On a GPU a reduction spreads over programs; ``whole`` (post modes, deterministic mode)
+    gives each program whole channels: one writer per output element."""
+    split = reduce_geometry(256, 64, 3136, 3136, 1, True, 1056, False)
+    whole = reduce_geometry(256, 64, 3136, 3136, 1, True, 1056, True)
+    assert split.grid[1] * split.grid[2] > 1
+    assert whole.grid[1:] == (1, 1)
+    assert whole.a_per == 256 and whole.l_per >= 3136
