@@ -6,6 +6,7 @@ the state, and hands the math to a backend (``backends/``) working on flat buffe
 
 from __future__ import annotations
 
+import functools
 import numbers
 import warnings
 import weakref
@@ -14,6 +15,7 @@ from typing import Any, NoReturn
 
 import torch
 from torch import nn
+from torch.optim import optimizer as torch_optimizer
 
 from . import checkpoint, distributed, fsdp
 from .backends import resolve_backend
@@ -23,6 +25,7 @@ from .hooks import StatisticsCollector, TrackedLayer, live_hook_on
 from .layers import FactorIndex, factor_sizes, layer_kind, parameter_roles
 from .module_names import named_modules
 from .step_plan import StepPlan
+from .unfed_layers import UnfedLayerCheck
 from .validation import (
     GroupChecker,
     check_group_hyperparameters,
@@ -123,7 +126,7 @@ class AdaFisher(torch.optim.Optimizer):
         self._collector: StatisticsCollector | None = None
         self._already_hooked: list[str] = []  # layers another live optimizer hooks too
         self._group_checker = GroupChecker()
-        self._unfed_warned: set[str] = set()  # tracked layers already warned about
+        self._unfed_check = UnfedLayerCheck()  # names tracked layers that get no statistics
         self._plan: StepPlan | None = None  # the native backend's cached step arguments
         # "momentum" in defaults tells OneCycleLR/CyclicLR that momentum can be cycled; groups
         # carry it only once a scheduler writes it (see GroupChecker).
@@ -360,11 +363,17 @@ class AdaFisher(torch.optim.Optimizer):
                 return loss
         takes_statistics = self._factor_step % self.factor_interval == 0
         distributed_run = distributed.world_size() > 1
+        eager = not torch.compiler.is_compiling()  # the unfed-layer check runs eagerly only
+        if eager:
+            self._unfed_check.poll()
+        checking = takes_statistics and eager and self._collector.hooked
+        with_grads = self._layers_with_grads(work, plans) if checking else {}
         for buffers in self._buffers.values():
             if distributed_run and self._factor_step % self.factor_interval == 0:
                 distributed.all_reduce_pending(buffers)
-            if takes_statistics and not torch.compiler.is_compiling():
-                self._warn_unfed_layers(buffers)
+            if checking and buffers.has_pending:
+                self._unfed_check.check(buffers, with_grads.get(id(buffers), ()),
+                                        self._collector.seen_without_samples)
             # The planned (native) path launches the update unconditionally: it does nothing
             # when nothing is pending, and no host flag decides what a traced step runs.
             if self._plan is not None or buffers.has_pending:
@@ -383,31 +392,20 @@ class AdaFisher(torch.optim.Optimizer):
         self._collector.collecting = self._factor_step % self.factor_interval == 0
         return loss
 
-    def _warn_unfed_layers(self, buffers: FactorBuffers) -> None:
-        """Tracked means fed: on a statistics step where some layer got statistics, warn once
-        about each tracked layer whose parameters have gradients but that got none."""
-        if not buffers.has_pending or not self._collector.hooked:
-            return
-        with_grads = set()
-        for group in self.param_groups:
-            for p in group["params"]:
-                index, owner = self._factor_index.get(id(p), (None, None))
-                if p.grad is not None and index is not None and owner is buffers:
-                    with_grads.add(index.layer)
-        counts = buffers.pending_count.tolist()
-        for slot in buffers.slots:
-            if slot.index in with_grads and counts[slot.index] == 0 and (
-                slot.name not in self._unfed_warned
-                and slot.name not in self._collector.seen_without_samples
-            ):
-                self._unfed_warned.add(slot.name)
-                warnings.warn(
-                    f"AdaFisher: tracked layer {slot.name!r} took part in training but received "
-                    "no curvature statistics on a statistics step (its forward hook did not see "
-                    "the pass), so its factors were not updated (F = 1 until a first blend)",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+    @staticmethod
+    def _layers_with_grads(work: list[GroupStep] | None, plans: list | None) -> dict[int, set]:
+        """id(buffers) → indices of its layers whose parameters have gradients this step."""
+        layers: dict[int, set[int]] = {}
+        if plans is not None:
+            for plan, _ in plans:
+                for key, indices in plan.layers_with_grads.items():
+                    layers.setdefault(key, set()).update(indices)
+            return layers
+        for group_work in work:
+            for index, buffers in zip(group_work.indices, group_work.buffers):
+                if index is not None:
+                    layers.setdefault(id(buffers), set()).add(index.layer)
+        return layers
 
     def _group_step(self, group: dict[str, Any]) -> GroupStep:
         """The group's parameters that have gradients, validated; changes nothing (their state
@@ -484,3 +482,29 @@ class AdaFisherW(AdaFisher):
     """
 
     decoupled_weight_decay = True
+
+
+def _profiler_range_only_when_profiling(step: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.optim``'s wrapper of ``step`` (step pre/post hooks inside a profiler range named
+    ``Optimizer.step#<class>.step``), entered only when it has something to do: a profiler runs,
+    a step hook is registered, or the step is being traced. Otherwise ``step`` runs directly:
+    the range's two dispatcher calls cost about as much host time as a whole steady-state
+    native step, and record nothing when no profiler runs."""
+    wrapped = torch.optim.Optimizer.profile_hook_step(step)
+    global_pre = getattr(torch_optimizer, "_global_optimizer_pre_hooks", None)
+    global_post = getattr(torch_optimizer, "_global_optimizer_post_hooks", None)
+    profiling = torch._C._autograd._profiler_enabled
+
+    @functools.wraps(step)
+    def wrapper(self, *args: Any, **kwargs: Any) -> Any:
+        if (global_pre is None or global_post is None or torch.compiler.is_compiling()
+                or profiling() or global_pre or global_post
+                or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks):
+            return wrapped(self, *args, **kwargs)
+        return step(self, *args, **kwargs)
+
+    wrapper.hooked = True  # torch.optim.Optimizer wraps an unhooked step itself
+    return wrapper
+
+
+AdaFisher.step = _profiler_range_only_when_profiling(AdaFisher.step)

@@ -12,6 +12,9 @@ with stale values except a float ``lr`` (set ``group["lr"]`` to a tensor for tha
 
 from __future__ import annotations
 
+import functools
+import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +41,10 @@ class DeviceLaunch:
     factors: torch.Tensor | None = None
     blended: torch.Tensor | None = None
     lr: torch.Tensor | None = None
+    lr_value: float | None = None  # the float last written into ``lr``
+    # The launch's gradients out of the group's list, picked in C (no Python loop per
+    # parameter): the list itself when the launch takes every parameter in order.
+    pick: Callable[[list], Any] | None = None
 
 
 @dataclass
@@ -47,6 +54,8 @@ class GroupPlan:
     launches: list[DeviceLaunch]
     steps: list[torch.Tensor]  # every step count of the group
     buffers: list[tuple[FactorBuffers, torch.Tensor]]  # factors the launches read (grow → new)
+    # id(buffers) → indices of its layers whose parameters have a gradient (unfed-layer check)
+    layers_with_grads: dict[int, set[int]] = field(default_factory=dict)
 
 
 class StepPlan:
@@ -60,10 +69,17 @@ class StepPlan:
 
     def prepare(self, optimizer, group: dict[str, Any]) -> tuple[GroupPlan, list]:
         """The group's plan and its current gradients, rebuilt (and the gradients checked)
-        when needed; raises before anything is launched."""
+        when needed; raises before anything is launched.
+
+        The steady state runs no Python bytecode per parameter: ``map`` with C callables reads
+        the gradients and compares which parameters have one (a tuple compare)."""
         params = group["params"]
-        grads = [p.grad for p in params]
-        has_grad = tuple(g is not None for g in grads)
+        if torch.compiler.is_compiling():  # traced once: plain comprehensions trace best
+            grads = [p.grad for p in params]
+            has_grad = tuple(g is not None for g in grads)
+        else:
+            grads = list(map(_GRAD, params))
+            has_grad = tuple(map(_HAS_VALUE, grads))
         plan = self._groups.get(id(params))
         if (plan is None or plan.has_grad != has_grad or plan.state is not optimizer.state
                 or any(b.factors is not f for b, f in plan.buffers)):
@@ -76,18 +92,46 @@ class StepPlan:
         if not plan.steps:
             return
         lr = group["lr"]
+        compiling = torch.compiler.is_compiling()
         for launch in plan.launches:
             if isinstance(lr, torch.Tensor):
                 lr_tensor = lr.to(device=launch.device, dtype=torch.float64)
-            else:
+            elif compiling:  # no comparison with the last lr: it would guard on its value
                 lr_tensor = launch.lr.fill_(lr)
+            else:
+                if lr != launch.lr_value:  # written once per change (a launch on a GPU)
+                    launch.lr.fill_(lr)
+                    launch.lr_value = lr
+                lr_tensor = launch.lr
+            if compiling:
+                step_grads = [grads[i] for i in launch.positions]
+            else:
+                step_grads = launch.pick(grads)
             torch.ops.adafisher.fused_step(
-                launch.params, [grads[i] for i in launch.positions], launch.exp_avgs,
+                launch.params, step_grads, launch.exp_avgs,
                 launch.steps, launch.factors, launch.blended, launch.layers, launch.h_offsets,
                 launch.s_offsets, launch.rows, lr_tensor, float(group["beta"]),
                 float(group["damping"]), float(group["weight_decay"]), decoupled,
                 bool(group.get("maximize", False)),
             )
+
+
+_GRAD = operator.attrgetter("grad")  # param ↦ param.grad, in C
+_HAS_VALUE = functools.partial(operator.is_not, None)  # grad ↦ grad is not None, in C
+
+
+def _picker(positions: list[int], n_params: int) -> Callable[[list], Any]:
+    """``grads ↦ [grads[i] for i in positions]`` without a Python loop."""
+    if positions == list(range(n_params)):
+        return _same
+    if len(positions) == 1:
+        index = positions[0]
+        return lambda grads: (grads[index],)
+    return operator.itemgetter(*positions)
+
+
+def _same(grads: list) -> list:
+    return grads
 
 
 # Built eagerly (a graph break under torch.compile on the steps that rebuild, like
@@ -97,6 +141,7 @@ def _build(optimizer, params: list[torch.Tensor], grads: list, has_grad: tuple) 
     factor_index: dict[int, tuple[FactorIndex, FactorBuffers]] = optimizer._factor_index
     launches: dict[torch.device, DeviceLaunch] = {}
     read: dict[int, tuple[FactorBuffers, torch.Tensor]] = {}
+    layers_with_grads: dict[int, set[int]] = {}
     for grad in grads:  # all checked before any state is created: a refused step changes nothing
         if grad is not None and grad.is_sparse:
             raise ValueError("AdaFisher does not support sparse gradients (use dense ones)")
@@ -121,6 +166,8 @@ def _build(optimizer, params: list[torch.Tensor], grads: list, has_grad: tuple) 
         launch.params.append(p)
         launch.exp_avgs.append(state["exp_avg"])
         launch.steps.append(state["step"])
+        if index is not None:
+            layers_with_grads.setdefault(id(buffers), set()).add(index.layer)
         if index is None or p.numel() == 0:  # nothing to precondition (a zero-size layer)
             launch.layers.append(-1)
             launch.h_offsets.append(0)
@@ -136,9 +183,10 @@ def _build(optimizer, params: list[torch.Tensor], grads: list, has_grad: tuple) 
         launch.s_offsets.append(index.s_offset)
         launch.rows.append(index.rows)
     for launch in launches.values():
+        launch.pick = _picker(launch.positions, len(params))
         if launch.factors is None:
             launch.factors = torch.empty(0, device=launch.device)
             launch.blended = torch.empty(0, dtype=torch.bool, device=launch.device)
     steps = [s for launch in launches.values() for s in launch.steps]
     return GroupPlan(has_grad, optimizer.state, list(launches.values()), steps,
-                     list(read.values()))
+                     list(read.values()), layers_with_grads)
