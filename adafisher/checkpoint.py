@@ -102,8 +102,7 @@ def load_state_dict(opt: AdaFisher, state_dict: Mapping[str, Any]) -> None:
         buffers.has_pending = bool((buffers.pending_count > 0).any())
     opt.gammas = loaded.gammas
     opt.factor_interval = loaded.factor_interval
-    opt._factor_step = loaded.factor_step
-    opt._collector.collecting = opt._factor_step % opt.factor_interval == 0
+    opt._factor_step = loaded.factor_step  # the hooks derive from it whether they collect
     for post_hook in opt._optimizer_load_state_dict_post_hooks.values():
         post_hook(opt)
 

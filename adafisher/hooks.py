@@ -111,14 +111,19 @@ def live_hook_on(module: nn.Module) -> bool:
 
 
 class StatisticsCollector:
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, schedule) -> None:
         self.backend = backend
-        self.collecting = True  # set by the optimizer: does the coming step take statistics?
+        self.schedule = schedule  # the optimizer's StatisticsSchedule
         self._handles: list[RemovableHandle] = []
         # layers whose passes since the last statistics step had no samples (not "unfed")
         self.seen_without_samples: set[str] = set()
         StatisticsCollector._collect.prepare()
         _projection_input.prepare()
+
+    @property
+    def collecting(self) -> bool:
+        """Does the coming step take statistics?"""
+        return self.schedule.collecting
 
     @property
     def hooked(self) -> bool:

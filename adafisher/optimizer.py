@@ -44,10 +44,37 @@ _FOREIGN = {
 
 
 class StatisticsSchedule:
-    """The optimizer's step counter that decides when statistics are taken."""
+    """The optimizer's step counter that decides when statistics are taken.
 
-    def __init__(self) -> None:
+    ``collecting`` (does the coming step take statistics?) is a bool that eager steps keep
+    current, so hooks traced by torch.compile guard on a bool, not on the count. A traced step
+    only counts and marks the bool stale (deciding on the count there would guard on it, one
+    graph per phase of the schedule): the next reader derives it from the count."""
+
+    def __init__(self, interval: int) -> None:
         self.factor_step = 0
+        self.interval = interval
+        self._collecting = True
+        self._current = True  # whether _collecting belongs to factor_step and interval
+
+    def changed(self) -> None:
+        """factor_step or interval was set (e.g. by a checkpoint load)."""
+        self._current = False
+
+    def advance(self) -> None:
+        self.factor_step += 1
+        if torch.compiler.is_compiling():
+            self._current = False
+        else:
+            self._collecting = self.factor_step % self.interval == 0
+            self._current = True
+
+    @property
+    def collecting(self) -> bool:
+        if not self._current:
+            self._collecting = self.factor_step % self.interval == 0
+            self._current = True
+        return self._collecting
 
 
 class AdaFisher(torch.optim.Optimizer):
@@ -110,8 +137,11 @@ class AdaFisher(torch.optim.Optimizer):
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
 
+        # Optimizer steps taken (docs/algorithm.md §4 counts them from 0). Kept on a plain
+        # object: under torch.compile, attribute writes on the optimizer itself are dropped
+        # from a traced step that also runs tensor ops, while writes to other objects are kept.
+        self._schedule = StatisticsSchedule(int(factor_interval))
         self.gammas = (float(gammas[0]), float(gammas[1]))
-        self.factor_interval = int(factor_interval)
         self._model = weakref.ref(model)
         self._backend_request = backend
         self._backend: Backend | None = None
@@ -119,10 +149,6 @@ class AdaFisher(torch.optim.Optimizer):
         self._layers: dict[int, TrackedLayer] = {}  # id(module) → its slot
         self._module_order: dict[str, int] = {}  # layer name → position in the model
         self._factor_index: dict[int, tuple[FactorIndex, FactorBuffers]] = {}  # id(param) → …
-        # Optimizer steps taken (docs/algorithm.md §4 counts them from 0). Kept on a plain
-        # object: under torch.compile, attribute writes on the optimizer itself are dropped
-        # from a traced step that also runs tensor ops, while writes to other objects are kept.
-        self._schedule = StatisticsSchedule()
         self._collector: StatisticsCollector | None = None
         self._already_hooked: list[str] = []  # layers another live optimizer hooks too
         self._group_checker = GroupChecker()
@@ -198,7 +224,7 @@ class AdaFisher(torch.optim.Optimizer):
     def _ensure_backend(self, params: list[torch.Tensor]) -> Backend:
         if self._backend is None:
             self._backend = resolve_backend(self._backend_request, {p.device for p in params})
-            self._collector = StatisticsCollector(self._backend)
+            self._collector = StatisticsCollector(self._backend, self._schedule)
             if self._backend.name == "native":
                 self._plan = StepPlan()
         return self._backend
@@ -274,12 +300,23 @@ class AdaFisher(torch.optim.Optimizer):
             self._already_hooked = []
 
     @property
+    def factor_interval(self) -> int:
+        """Statistics are taken before every ``factor_interval``-th step."""
+        return self._schedule.interval
+
+    @factor_interval.setter
+    def factor_interval(self, value: int) -> None:
+        self._schedule.interval = value
+        self._schedule.changed()
+
+    @property
     def _factor_step(self) -> int:
         return self._schedule.factor_step
 
     @_factor_step.setter
     def _factor_step(self, value: int) -> None:
         self._schedule.factor_step = value
+        self._schedule.changed()
 
     # --------------------------------------------------------------------------- public API
     def __repr__(self) -> str:
@@ -361,15 +398,18 @@ class AdaFisher(torch.optim.Optimizer):
             plans = [self._plan.prepare(self, group) for group in self.param_groups]
             if not any(plan.steps for plan, _ in plans):
                 return loss
-        takes_statistics = self._factor_step % self.factor_interval == 0
-        distributed_run = distributed.world_size() > 1
+        # A traced step does not read the statistics schedule (it would guard on the step
+        # count): only eager steps check for unfed layers, and the all-reduce decides on it
+        # only in a distributed run.
         eager = not torch.compiler.is_compiling()  # the unfed-layer check runs eagerly only
+        takes_statistics = eager and self._schedule.collecting
+        distributed_run = distributed.world_size() > 1
         if eager:
             self._unfed_check.poll()
-        checking = takes_statistics and eager and self._collector.hooked
+        checking = takes_statistics and self._collector.hooked
         with_grads = self._layers_with_grads(work, plans) if checking else {}
         for buffers in self._buffers.values():
-            if distributed_run and self._factor_step % self.factor_interval == 0:
+            if distributed_run and self._schedule.collecting:
                 distributed.all_reduce_pending(buffers)
             if checking and buffers.has_pending:
                 self._unfed_check.check(buffers, with_grads.get(id(buffers), ()),
@@ -378,7 +418,7 @@ class AdaFisher(torch.optim.Optimizer):
             # when nothing is pending, and no host flag decides what a traced step runs.
             if self._plan is not None or buffers.has_pending:
                 self._backend.update_factors(buffers, self.gammas)
-        if takes_statistics:
+        if takes_statistics:  # (a traced step leaves the names for the next eager check)
             self._collector.seen_without_samples.clear()
         if plans is not None:
             for group, (plan, grads) in zip(self.param_groups, plans):
@@ -388,8 +428,7 @@ class AdaFisher(torch.optim.Optimizer):
                 if group_work.params:
                     self._count_steps(group_work)
                     self._backend.step(group_work)
-        self._schedule.factor_step += 1
-        self._collector.collecting = self._factor_step % self.factor_interval == 0
+        self._schedule.advance()  # the hooks read the schedule
         return loss
 
     @staticmethod

@@ -42,6 +42,7 @@ class DeviceLaunch:
     blended: torch.Tensor | None = None
     lr: torch.Tensor | None = None
     lr_value: float | None = None  # the float last written into ``lr``
+    one: torch.Tensor | None = None  # 1.0 (float64): ``one * lr`` keeps a traced lr symbolic
     # The launch's gradients out of the group's list, picked in C (no Python loop per
     # parameter): the list itself when the launch takes every parameter in order.
     pick: Callable[[list], Any] | None = None
@@ -96,8 +97,10 @@ class StepPlan:
         for launch in plan.launches:
             if isinstance(lr, torch.Tensor):
                 lr_tensor = lr.to(device=launch.device, dtype=torch.float64)
-            elif compiling:  # no comparison with the last lr: it would guard on its value
-                lr_tensor = launch.lr.fill_(lr)
+            elif compiling:
+                # A float lr stays a symbolic input of the graph through an arithmetic op (no
+                # recompile when a schedule changes it); fill_ would bake it in as a constant.
+                lr_tensor = launch.one * lr
             else:
                 if lr != launch.lr_value:  # written once per change (a launch on a GPU)
                     launch.lr.fill_(lr)
@@ -161,6 +164,7 @@ def _build(optimizer, params: list[torch.Tensor], grads: list, has_grad: tuple) 
         if launch is None:
             launch = launches[p.device] = DeviceLaunch(p.device)
             launch.lr = torch.zeros((), dtype=torch.float64, device=p.device)
+            launch.one = torch.ones((), dtype=torch.float64, device=p.device)
         index, buffers = factor_index.get(id(p), (None, None))
         launch.positions.append(i)
         launch.params.append(p)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ UNSUPPORTED_GROUP_KEYS = {
     "(the torch and triton backends read step counts on the host)",
     "differentiable": "the step is not differentiable",
 }
+_CAPTURABLE = _MOMENTUM + 1 + list(UNSUPPORTED_GROUP_KEYS).index("capturable")
 
 
 def check_number(
@@ -69,6 +71,25 @@ def check_group_keys(group: dict[str, Any], capturable_ok: bool = False) -> None
             raise ValueError(f"param group option {key}=True is not supported: {reason}")
 
 
+_TRACED_LR = "<float lr of a traced step>"  # stands for the lr in GroupChecker's values there
+
+
+def _traced_view(values: tuple, group: dict[str, Any]) -> tuple:
+    """GroupChecker's values as a traced step compares them: a float lr masked, and
+    ``capturable`` (which torch.compile sets on every group while it traces) left out."""
+    lr = values[0] if isinstance(group["lr"], torch.Tensor) else _TRACED_LR
+    return (lr, *values[1:_CAPTURABLE], None, *values[_CAPTURABLE + 1:])
+
+
+def _check_traced_lr(lr: Any) -> None:
+    if isinstance(lr, bool) or not isinstance(lr, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        raise TypeError(f"lr must be a real number, got {type(lr).__name__}")
+    # NaN fails both, +inf the second. (Under torch.compile the message must be a constant
+    # defined here: it cannot show the value.)
+    torch._check(lr >= 0, lambda: "lr must be a finite number >= 0")
+    torch._check(lr <= sys.float_info.max, lambda: "lr must be a finite number >= 0")
+
+
 class GroupChecker:
     """Validates param groups at ``step()``, once per change of their values.
 
@@ -90,13 +111,24 @@ class GroupChecker:
     def check(self, groups: list[dict[str, Any]], capturable_ok: bool = False) -> None:
         """Raises before anything is changed if any group is invalid; ``capturable_ok``: the
         backend's step can be captured in a CUDA graph."""
+        traced = torch.compiler.is_compiling()
         updates = []
         for group in groups:
             values = self._values(group)
             seen = self._seen.get(id(group))
+            if traced:
+                # A traced step keeps a float lr symbolic (an LR schedule does not recompile
+                # it): comparing or range-checking its value in Python would guard on it. It is
+                # checked by torch._check instead (RuntimeError), the rest as in eager.
+                if not isinstance(group["lr"], torch.Tensor):
+                    _check_traced_lr(group["lr"])
+                values = _traced_view(values, group)
+                seen = None if seen is None else _traced_view(seen, group)
             if values == seen:
                 continue
             candidate = dict(group)
+            if traced and values[0] is _TRACED_LR:
+                candidate["lr"] = 0.0  # checked above
             momentum = group.get("momentum")
             if momentum is not None:
                 beta_changed = seen is not None and group["beta"] != seen[_BETA]
@@ -113,7 +145,9 @@ class GroupChecker:
         for group, candidate in updates:
             if group.get("momentum") is not None:
                 group["beta"] = group["momentum"] = candidate["beta"]
-            self._seen[id(group)] = self._values(group)
+            values = self._values(group)
+            # (an eager step checks the masked values again)
+            self._seen[id(group)] = _traced_view(values, group) if traced else values
         if len(self._seen) > len(groups):  # groups replaced (load_state_dict): forget the old
             live = {id(group) for group in groups}
             self._seen = {k: v for k, v in self._seen.items() if k in live}

@@ -115,3 +115,51 @@ def test_cuda_graph_replay_matches_eager():
     torch.cuda.synchronize()
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_compiled_step_compiles_a_constant_number_of_times():
+    """Neither the statistics schedule nor an lr schedule recompiles the step: the graphs of
+    the first steps (state creation, the step count turning symbolic) serve every later step,
+    with and without statistics, while the lr changes every step; the trajectory is eager's."""
+    models = [_model(), _model()]
+    opts = [AdaFisherW(m, lr=0.05, weight_decay=0.01, factor_interval=3, gammas=(0.3, 0.3))
+            for m in models]
+    schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=40) for o in opts]
+    compiled_step = torch.compile(opts[1].step, backend="aot_eager")
+    counts = []
+    for step in range(24):
+        for model, opt in zip(models, opts):
+            opt.zero_grad()
+            _loss(model, step).backward()
+        opts[0].step()
+        compiled_step()
+        for scheduler in schedulers:
+            scheduler.step()
+        counts.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        for a, b in zip(models[0].parameters(), models[1].parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert counts[-1] == counts[5] <= 4, counts  # nothing compiled after the first steps
+    assert opts[1]._factor_step == 24
+    h0, s0 = opts[0].factors("4")
+    h1, s1 = opts[1].factors("4")
+    assert torch.equal(h0, h1) and torch.equal(s0, s1)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_compiled_step_refuses_a_bad_float_lr(bad):
+    """A traced step checks its symbolic lr (torch._check: RuntimeError; where dynamo falls
+    back to running the frame eagerly, the eager check's ValueError) and changes nothing."""
+    model = _model()
+    opt = AdaFisher(model, lr=0.05, factor_interval=2)
+    compiled_step = torch.compile(opt.step, backend="aot_eager")
+    for step in range(3):
+        opt.zero_grad()
+        _loss(model, step).backward()
+        compiled_step()
+        opt.param_groups[0]["lr"] *= 0.5
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[0]["lr"] = bad
+    with pytest.raises((RuntimeError, ValueError), match="lr must be"):
+        compiled_step()
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)

@@ -180,6 +180,19 @@ def test_a_tracked_layer_that_gets_no_statistics_is_named_once():
         _statistics_step(model, opt, torch.randn(6, 4))  # once per layer
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_unfed_layer_warning_on_cuda_comes_from_an_asynchronous_copy():
+    """On CUDA the pass counts reach the host by a non-blocking copy into pinned memory, read
+    by a later step once its event has completed: the layer is still named, once."""
+    model = FunctionalHead().cuda()
+    opt = AdaFisher(model, factor_interval=1, backend="torch")
+    with pytest.warns(RuntimeWarning, match="'head'.*no curvature statistics"):
+        for _ in range(5):
+            _statistics_step(model, opt, torch.randn(6, 4, device="cuda"))
+            torch.cuda.synchronize()  # the copy has landed: the next step reports it
+    assert opt._unfed_check.warned == {"head"}
+
+
 # ------------------------------------------------- input-only gradient passes (issue 9.2)
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("probe", ["autograd_grad", "backward_inputs"])
