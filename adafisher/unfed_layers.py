@@ -55,6 +55,8 @@ class UnfedLayerCheck:
             return
         if any(pending.buffers is buffers for pending in self._in_flight):
             return  # the previous check of this buffer is still being copied: skip this one
+        if torch.cuda.is_current_stream_capturing():
+            return  # a CUDA graph being captured: its replays would not report anything
         unfed = torch.empty(counts.shape, dtype=torch.bool, pin_memory=True)
         unfed.copy_(counts == 0, non_blocking=True)
         done = torch.cuda.Event()

@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "" if ratio is None else f"{ratio:.2f}"])
     print(common.format_table(["model", "params", "variant", "ms/step (median)", "p10–p90",
                                "× resnet50"], rows))
+    print(f"command: {result['command']}")
     common.write_json(args.out / "host_time.json", result)
     return result
 
