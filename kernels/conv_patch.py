@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import gpu_like, pow2, split, target_programs, tiles
+from ._launch import cdiv, gpu_like, pow2, split, target_programs, tiles
 from .reductions import acl_view, sample_span
 
 
@@ -277,7 +277,7 @@ def partials_geometry(
         block_c = pow2(channels, high=max(1, tile // block_l))
     block_b = 1 if gpu else pow2(batch, high=max(1, tile // (block_c * block_l)))
     l_tiles, c_tiles = tiles(length, block_l), tiles(channels, block_c)
-    most_parts = max(1, batch // max(1, triton.cdiv(16 * n_k, block_l)))
+    most_parts = max(1, batch // max(1, cdiv(16 * n_k, block_l)))
     b_per, b_parts = split(batch, min(most_parts, programs // (l_tiles * c_tiles)))
     pad3 = (1,) * (3 - len(spatial))
     kernel = pad3 + kernel_size
@@ -307,18 +307,51 @@ class PartialH(NamedTuple):
         return torch.cat([h, h.new_ones(1)]) if self.has_bias else h
 
 
-def _plan(x, kernel_size, stride, dilation, padding):
-    view = acl_view(x)
-    if view is None:  # rare layouts (non-mergeable spatial strides): copy once
-        x = x.contiguous()
-        view = acl_view(x)
+class PartialsLaunch(NamedTuple):
+    """Everything of one conv Ĥ launch but its tensors (a layer caches it)."""
+
+    grid: tuple[int, int, int]
+    ints: tuple  # B C L s_b s_c s_l b_per row n_k L2 … N3 divisor
+    constexprs: dict
+    size: int  # floats of partial rows
+    n_parts: int
+    groups: int
+    h_core: int
+    has_bias: bool
+
+
+def plan_partials(
+    view: tuple[int, int, int, int, int, int],
+    spatial: tuple[int, ...],
+    device: torch.device,
+    groups: int,
+    kernel_size: tuple[int, ...],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    padding: tuple[tuple[int, int], ...],
+    has_bias: bool,
+) -> PartialsLaunch:
+    """The launch of ``conv_input_partials`` for an input whose ``acl_view`` is ``view``."""
     batch, channels, length, s_b, s_c, s_l = view
-    spatial = tuple(x.shape[2:])
     outs = tuple(output_lengths(spatial, kernel_size, stride, dilation, padding))
     geo = partials_geometry(batch, channels, spatial, s_c, s_l, tuple(kernel_size),
                             tuple(stride), tuple(dilation), tuple(p[0] for p in padding), outs,
-                            gpu_like(x.device), target_programs(x.device))
-    return geo, x, view, outs
+                            gpu_like(device), target_programs(device))
+    n_k = math.prod(kernel_size)
+    divisor = float(batch * math.prod(outs) * groups)
+    return PartialsLaunch(
+        geo.grid,
+        (batch, channels, length, s_b, s_c, s_l, geo.b_per, geo.row, n_k, *geo.ints, divisor),
+        dict(POINTWISE=all(k == 1 for k in kernel_size), WIDE=geo.wide, BLOCK_B=geo.block_b,
+             BLOCK_C=geo.block_c, BLOCK_L=geo.block_l),
+        geo.n_parts * geo.row, geo.n_parts, groups, channels // groups * n_k, has_bias,
+    )
+
+
+def launch_partials(plan: PartialsLaunch, x: torch.Tensor, parts: torch.Tensor) -> PartialH:
+    """Run a planned conv Ĥ into ``parts`` (``plan.size`` floats, any contents)."""
+    _patch_partials_kernel[plan.grid](x, parts, *plan.ints, **plan.constexprs)
+    return PartialH(parts, plan.n_parts, plan.groups, plan.h_core, plan.has_bias)
 
 
 def conv_input_partials(
@@ -336,19 +369,14 @@ def conv_input_partials(
     written into ``storage(n)`` (n fp32 floats, any contents; default: new). Same values
     as ``adafisher.conv_statistics.conv_input_statistic`` once summed (``PartialH``).
     Reproducible bit for bit: every element has one writer, summed in a fixed order."""
-    geo, x, (batch, channels, length, s_b, s_c, s_l), outs = _plan(
-        x, kernel_size, stride, dilation, padding)
-    n_k = math.prod(kernel_size)
-    per_group = channels // groups
-    size = geo.n_parts * geo.row
+    view = acl_view(x)
+    if view is None:  # rare layouts (non-mergeable spatial strides): copy once
+        x = x.contiguous()
+        view = acl_view(x)
+    plan = plan_partials(view, tuple(x.shape[2:]), x.device, groups, kernel_size, stride,
+                         dilation, padding, has_bias)
     if storage is None:
-        parts = torch.empty(size, device=x.device, dtype=torch.float32)
+        parts = torch.empty(plan.size, device=x.device, dtype=torch.float32)
     else:
-        parts = storage(size)
-    divisor = float(batch * math.prod(outs) * groups)
-    _patch_partials_kernel[geo.grid](
-        x, parts, batch, channels, length, s_b, s_c, s_l, geo.b_per, geo.row, n_k, *geo.ints,
-        divisor, POINTWISE=all(k == 1 for k in kernel_size), WIDE=geo.wide,
-        BLOCK_B=geo.block_b, BLOCK_C=geo.block_c, BLOCK_L=geo.block_l,
-    )
-    return PartialH(parts, geo.n_parts, groups, per_group * n_k, has_bias)
+        parts = storage(plan.size)
+    return launch_partials(plan, x, parts)

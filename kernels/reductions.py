@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import gpu_like, pow2, split, target_programs, tiles
+from ._launch import cdiv, gpu_like, pow2, split, target_programs, tiles
 
 
 @triton.jit
@@ -208,10 +208,78 @@ def reduce_geometry(
     c_tiles = tiles(c, block_c)
     want = 1 if whole else max(1, programs // c_tiles)
     a_per, a_parts = split(a, want)
-    l_per, l_parts = split(triton.cdiv(length, block_l), triton.cdiv(want, a_parts))
+    l_per, l_parts = split(cdiv(length, block_l), cdiv(want, a_parts))
     wide = sample_span(c, length, s_c, s_l) >= 2**31
     return ReduceGeometry((c_tiles, a_parts, l_parts), a_per, l_per * block_l, block_a,
                           block_c, block_l, wide)
+
+
+class ReduceLaunch(NamedTuple):
+    """Everything of one channel-reduction launch but its tensors (a layer caches it)."""
+
+    grid: tuple[int, int, int]
+    ints: tuple  # A C L s_a s_c s_l a_per l_per divisor post_divisor second
+    h_ints: tuple  # h_len parts part_stride groups h_per (the fused commit)
+    constexprs: dict
+
+
+def plan_reduce(
+    view: tuple[int, int, int, int, int, int],
+    device: torch.device,
+    divisor: float,
+    *,
+    square: bool,
+    tail_one: bool = False,
+    commit: Commit | None = None,
+    wide: bool | None = None,
+    post: int = 0,
+    post_divisor: float = 1.0,
+    second: float = 0.0,
+    deterministic: bool = False,
+) -> ReduceLaunch:
+    """The launch of ``channel_reduce`` for a tensor whose ``acl_view`` is ``view``."""
+    a, c, length, s_a, s_c, s_l = view
+    gpu = gpu_like(device)
+    geo = reduce_geometry(a, c, length, s_c, s_l, gpu, target_programs(device),
+                          post != 0 or deterministic)
+    if commit is None:
+        h_len = parts = part_stride = groups = 0
+    else:
+        h_len, parts, part_stride = commit.h_len, commit.parts, commit.part_stride
+        groups = commit.groups
+    # one kernel variant on a GPU, whose programs share the commit in slices of whole blocks;
+    # the interpreter's cost grows with the tile
+    if gpu:
+        block_h = _GPU_BLOCK_H
+        h_per = block_h * cdiv(cdiv(max(h_len, 1), block_h), math.prod(geo.grid))
+    else:
+        block_h = pow2(h_len, low=16, high=1 << 16)
+        h_per = max(h_len, 1)
+    return ReduceLaunch(
+        geo.grid,
+        (a, c, length, s_a, s_c, s_l, geo.a_per, geo.l_per, float(divisor),
+         float(post_divisor), float(second)),
+        (h_len, parts, part_stride, groups, h_per),
+        dict(SQUARE=square, POST=post, TAIL_ONE=tail_one, COMMIT=commit is not None,
+             CLEAR=commit is not None and commit.clear,
+             H_TAIL=commit is not None and commit.tail, WIDE=geo.wide if wide is None else wide,
+             BLOCK_A=geo.block_a, BLOCK_C=geo.block_c, BLOCK_L=geo.block_l, BLOCK_H=block_h),
+    )
+
+
+def launch_reduce(
+    plan: ReduceLaunch,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    h_src: torch.Tensor | None = None,
+    h_dst: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
+) -> None:
+    """Run a planned reduction; x is read from its first element with the planned strides."""
+    if h_src is None:
+        h_src = h_dst = count = out
+    _channel_reduce_kernel[plan.grid](x, out, *plan.ints, h_src, h_dst, *plan.h_ints, count,
+                                      **plan.constexprs)
 
 
 def channel_reduce(
@@ -235,32 +303,11 @@ def channel_reduce(
     post_divisor``. ``tail_one`` also writes 1 at ``out[C]`` (bias entry); ``commit`` fuses a
     pass commit; ``wide`` forces 64-bit offsets (default: when a sample spans 2**31 elements or
     more); ``deterministic``: each output element gets one writer, summing in a fixed order."""
-    x, (a, c, length, s_a, s_c, s_l) = _as_acl(x)
-    gpu = gpu_like(x.device)
-    geo = reduce_geometry(a, c, length, s_c, s_l, gpu, target_programs(x.device),
-                          post != 0 or deterministic)
+    x, view = _as_acl(x)
+    plan = plan_reduce(view, x.device, divisor, square=square, tail_one=tail_one,
+                       commit=commit, wide=wide, post=post, post_divisor=post_divisor,
+                       second=second, deterministic=deterministic)
     if commit is None:
-        h_src = h_dst = count = out
-        h_len = parts = part_stride = groups = 0
-        h_per = 1
+        launch_reduce(plan, x, out)
     else:
-        h_src, h_dst, count = commit.h_src, commit.h_dst, commit.count
-        h_len, parts, part_stride = commit.h_len, commit.parts, commit.part_stride
-        groups = commit.groups
-    # one kernel variant on a GPU, whose programs share the commit in slices of whole blocks;
-    # the interpreter's cost grows with the tile
-    if gpu:
-        block_h = _GPU_BLOCK_H
-        h_per = block_h * triton.cdiv(triton.cdiv(max(h_len, 1), block_h), math.prod(geo.grid))
-    else:
-        block_h = pow2(h_len, low=16, high=1 << 16)
-        h_per = max(h_len, 1)
-    _channel_reduce_kernel[geo.grid](
-        x, out, a, c, length, s_a, s_c, s_l, geo.a_per, geo.l_per, float(divisor),
-        float(post_divisor), float(second), h_src, h_dst, h_len, parts, part_stride, groups,
-        h_per, count,
-        SQUARE=square, POST=post, TAIL_ONE=tail_one, COMMIT=commit is not None,
-        CLEAR=commit is not None and commit.clear, H_TAIL=commit is not None and commit.tail,
-        WIDE=geo.wide if wide is None else wide,
-        BLOCK_A=geo.block_a, BLOCK_C=geo.block_c, BLOCK_L=geo.block_l, BLOCK_H=block_h,
-    )
+        launch_reduce(plan, x, out, commit.h_src, commit.h_dst, commit.count)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -32,47 +32,82 @@ from .. import autograd_statistics, statistics
 from ..conv_statistics import conv_geometry
 from ..factors import FactorBuffers, LayerSlot
 from ..kernels import conv_patch
-from ..kernels.conv_patch import PartialH
-from ..kernels.reductions import Commit, channel_reduce
+from ..kernels.conv_patch import PartialH, PartialsLaunch, launch_partials, plan_partials
+from ..kernels.reductions import (
+    Commit,
+    ReduceLaunch,
+    acl_view,
+    channel_reduce,
+    launch_reduce,
+    plan_reduce,
+)
 from ..layers import LayerKind
 
 
-@dataclass
-class _Scratch:
-    storage: torch.Tensor
-    zeroed: bool  # kept all zeros between passes (accumulating forwards; commits re-zero)
-    busy: bool = False
-    h: torch.Tensor | None = None  # the view handed out by the current forward
+class _Forward(NamedTuple):
+    plan: ReduceLaunch | PartialsLaunch
+    n: int  # scratch floats
+    zeroed: bool  # the launch accumulates (a reduction) rather than writes (partial rows)
+
+
+class _Layer:
+    """What the statistics path keeps per layer: its scratch, and its launches planned at its
+    first pass and looked up after (forward and backward by input shape and strides; None:
+    that input takes the uncached path), and its views of the pending buffer while that
+    buffer stays the same tensor."""
+
+    __slots__ = ("storage", "zeroed", "busy", "h", "forward", "backward", "views")
+
+    def __init__(self) -> None:
+        self.storage: torch.Tensor | None = None
+        self.zeroed = False  # storage kept all zeros between passes (commits re-zero it)
+        self.busy = False  # handed to a forward whose commit has not run yet
+        self.h: torch.Tensor | None = None  # the view handed out (reused while n is the same)
+        self.forward: dict[tuple, _Forward | None] = {}
+        self.backward: dict[tuple, ReduceLaunch | None] = {}
+        self.views: tuple[torch.Tensor, ...] | None = None
 
 
 class ScratchPool:
-    """One fp32 scratch per layer, reused pass after pass, so a steady pass allocates and
-    fills nothing. ``zeroed`` scratch (Ĥ that a forward accumulates into with atomics) is
-    zeroed again on the device by the backward's commit after reading it; a conv's partial
-    rows are written whole by the forward and need no zeroing. A forward whose layer's scratch
-    still waits for its backward (several forwards before one backward, or a forward never
-    backpropagated) gets new storage instead."""
+    """Per layer (``_Layer``): one fp32 scratch, reused pass after pass so that a steady pass
+    allocates and fills nothing, and the layer's planned launches. ``zeroed`` scratch (Ĥ that
+    a forward accumulates into with atomics) is zeroed again on the device by the backward's
+    commit after reading it; a conv's partial rows are written whole by the forward and need
+    no zeroing. A forward whose layer's scratch still waits for its backward (several forwards
+    before one backward, or a forward never backpropagated) gets new storage instead."""
 
     def __init__(self) -> None:
-        self._layers: weakref.WeakKeyDictionary[nn.Module, _Scratch] = (
-            weakref.WeakKeyDictionary())
+        # by id(module), dropped when the module is collected (a plain dict: one lookup, no
+        # weak reference made per call)
+        self._layers: dict[int, _Layer] = {}
         self.zero_fills = 0  # zeroed scratches allocated (first passes, growth, busy layers)
 
+    def layer(self, module: nn.Module) -> _Layer:
+        state = self._layers.get(id(module))
+        if state is None:
+            state = self._layers[id(module)] = _Layer()
+            weakref.finalize(module, self._layers.pop, id(module), None)
+        return state
+
     def acquire(
-        self, module: nn.Module, n: int, device: torch.device, zeroed: bool = True
+        self, module: nn.Module, n: int, device: torch.device, zeroed: bool = True,
+        state: _Layer | None = None,
     ) -> torch.Tensor:
         """``n`` fp32 floats for this layer's forward (all zeros when ``zeroed``), 16-byte
         aligned (its own allocation)."""
-        entry = self._layers.get(module)
-        if entry is not None and entry.busy:
+        if state is None:
+            state = self.layer(module)
+        if state.busy:
             return self._new(n, device, zeroed)
-        if (entry is None or entry.zeroed != zeroed or entry.storage.device != device
-                or entry.storage.numel() < n):
-            entry = _Scratch(self._new(n, device, zeroed), zeroed)
-            self._layers[module] = entry
-        entry.busy = True
-        entry.h = entry.storage[:n]
-        return entry.h
+        storage = state.storage
+        if (storage is None or state.zeroed != zeroed or storage.device != device
+                or storage.numel() < n):
+            storage = state.storage = self._new(n, device, zeroed)
+            state.zeroed, state.h = zeroed, None
+        state.busy = True
+        if state.h is None or state.h.numel() != n:
+            state.h = storage[:n]
+        return state.h
 
     def _new(self, n: int, device: torch.device, zeroed: bool) -> torch.Tensor:
         if zeroed:
@@ -83,11 +118,10 @@ class ScratchPool:
     def release(self, module: nn.Module, h_src: torch.Tensor) -> bool:
         """Whether ``h_src`` (what the forward wrote) is this layer's pooled scratch, which is
         then free for the next forward (a zeroed one once the commit has zeroed it)."""
-        entry = self._layers.get(module)
-        if entry is None or not entry.busy or entry.h is not h_src:
+        state = self._layers.get(id(module))
+        if state is None or not state.busy or state.h is not h_src:
             return False
-        entry.busy = False
-        entry.h = None
+        state.busy = False
         return True
 
 
@@ -193,10 +227,81 @@ def _patch_sums_torch(
     return torch.cat([h, h.new_ones(1)]) if has_bias else h
 
 
+def _plan_forward(
+    kind: LayerKind, module: nn.Module, x: torch.Tensor, deterministic: bool
+) -> _Forward | None:
+    """The layer's forward launch for inputs shaped and strided like x, reading x itself from
+    its first element (what ``input_statistic`` launches, minus its views), or None when such
+    an input needs a copy first or takes the torch path."""
+    if kind is LayerKind.LINEAR:
+        width, has_bias = module.in_features, module.bias is not None
+        if width == 0 or x.dim() == 0:
+            return None
+        try:
+            rows = x.view(-1, width)
+        except RuntimeError:  # not viewable as rows: reshape copies
+            return None
+        plan = plan_reduce(acl_view(rows.t().unsqueeze(0)), x.device, rows.shape[0],
+                           square=True, tail_one=has_bias, deterministic=deterministic)
+        return _Forward(plan, width + int(has_bias), True)
+    if kind is LayerKind.CONV:
+        if module.padding_mode != "zeros":
+            return None
+        x = _conv_batched(module, x)
+        has_bias = module.bias is not None
+        geometry = (tuple(module.kernel_size), tuple(module.stride), tuple(module.dilation),
+                    conv_padding(module))
+        outs = conv_patch.output_lengths(tuple(x.shape[2:]), *geometry)
+        if module.groups == 1:
+            pointwise = conv_patch.pointwise_view(x, geometry[0], geometry[1], geometry[3], outs)
+            if pointwise is not None:  # a view from x's first element
+                plan = plan_reduce(acl_view(pointwise), x.device,
+                                   float(x.shape[0] * math.prod(outs)), square=True,
+                                   tail_one=has_bias, deterministic=deterministic)
+                return _Forward(plan, x.shape[1] + int(has_bias), True)
+        view = acl_view(x)
+        if view is None:
+            return None
+        plan = plan_partials(view, tuple(x.shape[2:]), x.device, module.groups, *geometry,
+                             has_bias)
+        return _Forward(plan, plan.size, False)
+    if deterministic:
+        return None
+    x = _batch_first(x)
+    view = acl_view(x)
+    if view is None:
+        return None
+    plan = plan_reduce(view, x.device, math.prod(x.shape[2:]) ** 2, square=False, post=2,
+                       post_divisor=x.shape[0] ** 2, second=x.shape[1])
+    return _Forward(plan, 2, True)
+
+
+def _run_forward(
+    forward: _Forward, module: nn.Module, x: torch.Tensor, pool: ScratchPool, state: _Layer
+) -> torch.Tensor | PartialH:
+    out = pool.acquire(module, forward.n, x.device, forward.zeroed, state)
+    if forward.zeroed:
+        launch_reduce(forward.plan, x, out)
+        return out
+    return launch_partials(forward.plan, x, out)
+
+
 def input_statistic(
     kind: LayerKind, module: nn.Module, x: torch.Tensor, pool: ScratchPool | None = None
-) -> torch.Tensor:
-    """Ĥ of one forward pass, fp32, of the layer's H length: one launch (conv: one or two)."""
+) -> torch.Tensor | PartialH:
+    """Ĥ of one forward pass, fp32, of the layer's H length (a conv's as partial rows): one
+    launch. With a pool, planned at the layer's first pass for each input shape and layout."""
+    if pool is not None:
+        deterministic = _deterministic()
+        state = pool.layer(module)
+        forwards = state.forward
+        key = (x.shape, x.stride(), x.device, deterministic)
+        try:
+            forward = forwards[key]
+        except KeyError:
+            forward = forwards[key] = _plan_forward(kind, module, x, deterministic)
+        if forward is not None:
+            return _run_forward(forward, module, x, pool, state)
     if kind is LayerKind.CONV:
         return conv_input_statistic(module, x, pool)
     deterministic = _deterministic()
@@ -231,13 +336,72 @@ def batchnorm_input_statistic(
     if saved is None:
         return None
     mean, count = saved
+    if pool is not None:
+        state = pool.layer(module)
+        forwards = state.forward
+        key = ("mean", mean.shape, mean.stride(), x.shape, x.device)
+        forward = forwards.get(key)
+        if forward is None:
+            forward = forwards[key] = _Forward(_plan_mean(mean, x, count), 2, True)
+        return _run_forward(forward, module, mean, pool, state)
+    h = _h_storage(pool, module, 2, x.device)
+    launch_reduce(_plan_mean(mean, x, count), mean, h)
+    return h
+
+
+def _plan_mean(mean: torch.Tensor, x: torch.Tensor, count: int) -> ReduceLaunch:
     shape = x.shape if x.dim() >= 2 else (1, *x.shape)
     batch, channels, positions = shape[0], shape[1], math.prod(shape[2:])
-    h = _h_storage(pool, module, 2, x.device)
     # Σ_{b,t} x / T² = mean · count / T²
-    channel_reduce(mean.reshape(1, channels), h, positions**2 / count, square=False, post=2,
-                   post_divisor=batch**2, second=channels)
-    return h
+    return plan_reduce(acl_view(mean.view(1, channels)), x.device, positions**2 / count,
+                       square=False, post=2, post_divisor=batch**2, second=channels)
+
+
+def _commit_of(
+    h_hat: torch.Tensor | PartialH, module: nn.Module, h_dst: torch.Tensor,
+    count: torch.Tensor, pool: ScratchPool | None,
+) -> Commit:
+    if isinstance(h_hat, PartialH):
+        if pool is not None:
+            pool.release(module, h_hat.parts)
+        return Commit(h_hat.parts, h_dst, count, h_len=h_hat.h_core, parts=h_hat.n_parts,
+                      part_stride=h_hat.groups * h_hat.h_core, groups=h_hat.groups,
+                      tail=h_hat.has_bias)
+    pooled = pool is not None and pool.release(module, h_hat)
+    h_src = h_hat.to(device=h_dst.device, dtype=torch.float32).contiguous()
+    return Commit(h_src, h_dst, count, clear=pooled and h_src is h_hat)
+
+
+def _plan_backward(
+    kind: LayerKind, module: nn.Module, g: torch.Tensor, commit: Commit, batch: int,
+    deterministic: bool,
+) -> ReduceLaunch | None:
+    """The layer's backward launch (Ŝ with the commit fused) for output gradients shaped and
+    strided like g, reading g from its first element; None when g needs a copy first."""
+    if kind is LayerKind.LINEAR or kind is LayerKind.LAYERNORM:
+        width = (module.out_features if kind is LayerKind.LINEAR
+                 else math.prod(module.normalized_shape))
+        if width == 0 or g.dim() == 0:
+            return None
+        try:
+            rows = g.view(-1, width)
+        except RuntimeError:
+            return None
+        view = acl_view(rows.t().unsqueeze(0))
+        if kind is LayerKind.LINEAR:
+            return plan_reduce(view, g.device, rows.shape[0], square=True, commit=commit,
+                               deterministic=deterministic)
+        return plan_reduce(view, g.device, 1.0, square=False, post=1, post_divisor=batch,
+                           commit=commit)
+    g = _conv_batched(module, g) if kind is LayerKind.CONV else _batch_first(g)
+    view = acl_view(g)
+    if view is None:
+        return None
+    if kind is LayerKind.CONV:
+        return plan_reduce(view, g.device, g.numel() // g.shape[1], square=True, commit=commit,
+                           deterministic=deterministic)
+    return plan_reduce(view, g.device, 1.0, square=False, post=1, post_divisor=batch,
+                       commit=commit)
 
 
 def commit_pass(
@@ -250,21 +414,43 @@ def commit_pass(
     pool: ScratchPool | None = None,
 ) -> None:
     """pending[H] += Ĥ, pending[S] += Ŝ(grad_output), pass count += 1: one launch, which also
-    sums a conv's partial rows, or zeroes the layer's pooled Ĥ after reading it."""
-    h_dst = buffers.pending[slot.h_offset : slot.h_offset + slot.h_len]
-    count = buffers.pending_count[slot.index : slot.index + 1]
-    if isinstance(h_hat, PartialH):
-        if pool is not None:
-            pool.release(module, h_hat.parts)
-        commit = Commit(h_hat.parts, h_dst, count, h_len=h_hat.h_core, parts=h_hat.n_parts,
-                        part_stride=h_hat.groups * h_hat.h_core, groups=h_hat.groups,
-                        tail=h_hat.has_bias)
+    sums a conv's partial rows, or zeroes the layer's pooled Ĥ after reading it. With a pool,
+    planned at the layer's first pass for each gradient shape and layout."""
+    if pool is not None:
+        plans = pool.layer(module)
+        views = plans.views
+        if views is None or views[0] is not buffers.pending or (
+                views[1] is not buffers.pending_count):
+            views = plans.views = (
+                buffers.pending, buffers.pending_count,
+                buffers.pending[slot.h_offset : slot.h_offset + slot.h_len],
+                buffers.pending_count[slot.index : slot.index + 1],
+                buffers.pending[slot.s_offset : slot.s_offset + slot.s_len])
+        _, _, h_dst, count, s_dst = views
+        commit = _commit_of(h_hat, module, h_dst, count, pool)
+        deterministic = _deterministic()
+        key = (grad_output.shape, grad_output.stride(), grad_output.device, deterministic,
+               batch, commit.h_len, commit.parts, commit.groups, commit.clear, commit.tail)
+        try:
+            plan = plans.backward[key]
+        except KeyError:
+            plan = plans.backward[key] = _plan_backward(slot.kind, module, grad_output, commit,
+                                                        batch, deterministic)
+        if plan is not None:
+            launch_reduce(plan, grad_output, s_dst, commit.h_src, h_dst, count)
+            return
     else:
-        pooled = pool is not None and pool.release(module, h_hat)
-        h_src = h_hat.to(device=buffers.device, dtype=torch.float32).contiguous()
-        commit = Commit(h_src, h_dst, count, clear=pooled and h_src is h_hat)
-    s_dst = buffers.pending[slot.s_offset : slot.s_offset + slot.s_len]
-    g = grad_output
+        h_dst = buffers.pending[slot.h_offset : slot.h_offset + slot.h_len]
+        count = buffers.pending_count[slot.index : slot.index + 1]
+        s_dst = buffers.pending[slot.s_offset : slot.s_offset + slot.s_len]
+        commit = _commit_of(h_hat, module, h_dst, count, pool)
+    _commit_uncached(slot, module, commit, s_dst, grad_output, batch)
+
+
+def _commit_uncached(
+    slot: LayerSlot, module: nn.Module, commit: Commit, s_dst: torch.Tensor,
+    g: torch.Tensor, batch: int,
+) -> None:
     deterministic = _deterministic()
     if slot.kind is LayerKind.LINEAR:
         view, n_rows = _rows_as_acl(g, module.out_features)
