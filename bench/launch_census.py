@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import sys
 import time
@@ -190,7 +191,7 @@ class LaunchCensus:
                 call_ref[0] = None
                 census.calls.append(record)
 
-        return wrapper
+        return functools.update_wrapper(wrapper, fn)  # keeps fn's attributes (``prepare``)
 
     def __exit__(self, *exc: object) -> None:
         for module, name, value in reversed(self._patched):

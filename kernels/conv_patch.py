@@ -91,14 +91,11 @@ def _patch_partials_kernel(
         c = c.to(tl.int64)
     else:
         pos = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    i1 = pos // (L2 * L3)
-    i2 = (pos // L3) % L2
-    i3 = pos % L3
     read = pos < L
     if POINTWISE:  # a 1×…×1 kernel reads only positions o·stride − pad: load nothing else
-        t1 = i1 + P1
-        t2 = i2 + P2
-        t3 = i3 + P3
+        t1 = pos // (L2 * L3) + P1
+        t2 = (pos // L3) % L2 + P2
+        t3 = pos % L3 + P3
         read = read & (t1 % S1 == 0) & (t1 < N1 * S1) & (t2 % S2 == 0) & (t2 < N2 * S2)
         read = read & (t3 % S3 == 0) & (t3 < N3 * S3)
     mask = (c < C)[:, None] & read[None, :]
@@ -119,7 +116,11 @@ def _patch_partials_kernel(
     # Per kernel offset k, the positions it reads at some output position o (per dim
     # i = o·stride + k·dilation − pad, 0 ≤ o < N): this part's Ĥ[c, k], written (no atomics,
     # nothing to zero first) into row (pid_l, pid_b) of the partials; the backward's commit
-    # sums the rows (and the groups) in a fixed order.
+    # sums the rows (and the groups) in a fixed order. Positions past L or not read hold 0.
+    # The per-dim positions are computed here, not held in registers across the batch loop.
+    i1 = pos // (L2 * L3)
+    i2 = (pos // L3) % L2
+    i3 = pos % L3
     n_parts_b = tl.num_programs(2)
     dst = part_ptr + (pid_l.to(tl.int64) * n_parts_b + pid_b) * row + c * n_k
     c_mask = c < C
@@ -128,7 +129,7 @@ def _patch_partials_kernel(
         t2 = i2 + P2 - ((k // K3) % K2) * D2
         t3 = i3 + P3 - (k % K3) * D3
         hit = (t1 >= 0) & (t1 % S1 == 0) & (t1 < N1 * S1) & (t2 >= 0) & (t2 % S2 == 0)
-        hit = hit & (t2 < N2 * S2) & (t3 >= 0) & (t3 % S3 == 0) & (t3 < N3 * S3) & read
+        hit = hit & (t2 < N2 * S2) & (t3 >= 0) & (t3 % S3 == 0) & (t3 < N3 * S3)
         total = tl.sum(tl.where(hit[None, :], squares, 0.0), axis=1)
         tl.store(dst + k, tl.div_rn(total, divisor), mask=c_mask)
 
@@ -268,9 +269,14 @@ def partials_geometry(
     the partial rows (``C · Πk`` floats per part) stay under 1/16 of what the part reads."""
     length = math.prod(spatial)
     n_k = math.prod(kernel_size)
-    tile = 4096 if gpu else 1 << 16
+    # 2048 elements a program on a GPU (4096 took 124 registers on sm_90 for 64 × 64 tiles,
+    # bench/kernel_registers.py); 1024 where a few channels_last channels make the loads
+    # scalar gathers (the stem's 3 channels: 255 registers and a spill at 4096)
+    tile = 2048 if gpu else 1 << 16
     if s_c == 1 and s_l != 1:  # channels_last
         block_c = pow2(channels, high=min(128, tile))
+        if gpu and block_c <= 8:
+            tile = 1024
         block_l = pow2(length, high=max(1, tile // block_c))
     else:
         block_l = pow2(length, high=min(1024, tile))
