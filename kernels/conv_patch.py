@@ -266,7 +266,8 @@ def partials_geometry(
 
     Tiles ``channels × positions`` of one sample read coalesced (channels innermost for
     channels_last, positions innermost for NCHW); the batch is split into parts only as far as
-    the partial rows (``C · Πk`` floats per part) stay under 1/16 of what the part reads."""
+    the partial rows (``C · Πk`` floats per part) stay under 1/16 of the elements the part
+    reads."""
     length = math.prod(spatial)
     n_k = math.prod(kernel_size)
     # 2048 elements a program on a GPU (4096 took 124 registers on sm_90 for 64 × 64 tiles,
@@ -283,7 +284,8 @@ def partials_geometry(
         block_c = pow2(channels, high=max(1, tile // block_l))
     block_b = 1 if gpu else pow2(batch, high=max(1, tile // (block_c * block_l)))
     l_tiles, c_tiles = tiles(length, block_l), tiles(channels, block_c)
-    most_parts = max(1, batch // max(1, cdiv(16 * n_k, block_l)))
+    # a part writes C·Πk floats and reads b_per · C · (positions per tile) elements
+    most_parts = max(1, batch // max(1, cdiv(16 * n_k, cdiv(length, l_tiles))))
     b_per, b_parts = split(batch, min(most_parts, programs // (l_tiles * c_tiles)))
     pad3 = (1,) * (3 - len(spatial))
     kernel = pad3 + kernel_size
