@@ -36,7 +36,7 @@ def _channel_reduce_kernel(
     SQUARE: tl.constexpr, POST: tl.constexpr, TAIL_ONE: tl.constexpr, COMMIT: tl.constexpr,
     CLEAR: tl.constexpr, H_TAIL: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     pid_a = tl.program_id(1)
@@ -89,29 +89,34 @@ def _channel_reduce_kernel(
     if COMMIT:
         program = (pid_a * tl.num_programs(2) + pid_l) * tl.num_programs(0) + pid_c
         _commit(h_src, h_dst, h_len, h_parts, h_part_stride, h_groups, h_per, program,
-                count_ptr, first, CLEAR, H_TAIL, BLOCK_H)
+                count_ptr, first, CLEAR, H_TAIL, BLOCK_P, BLOCK_H)
 
 
 @triton.jit
 def _commit(h_src, h_dst, h_len, h_parts, h_part_stride, h_groups, h_per, program, count_ptr,
-            first, CLEAR: tl.constexpr, H_TAIL: tl.constexpr, BLOCK_H: tl.constexpr):
+            first, CLEAR: tl.constexpr, H_TAIL: tl.constexpr, BLOCK_P: tl.constexpr,
+            BLOCK_H: tl.constexpr):
     """pending[H][j] += Σ_{p < h_parts} Σ_{g < h_groups} src[p·h_part_stride + g·h_len + j]
     for j < h_len (the forward's partial rows; one row and group for a plain Ĥ), program by
-    program over slices of ``h_per`` elements: one writer per element, a fixed order. The first
-    program adds 1 after them (H_TAIL: the bias entry) and +1 to the pass count. CLEAR zeroes a
-    plain Ĥ after reading it, ready for the layer's next forward (which accumulates)."""
+    program over slices of ``h_per`` elements, ``BLOCK_P`` rows a load: one writer per element,
+    a fixed order. The first program adds 1 after them (H_TAIL: the bias entry) and +1 to the
+    pass count. CLEAR zeroes a plain Ĥ after reading it, ready for the layer's next forward
+    (which accumulates)."""
     lo = program.to(tl.int64) * h_per
     hi = tl.minimum(lo + h_per, h_len)
+    rows = tl.arange(0, BLOCK_P)
     for start in range(lo, hi, BLOCK_H):
         i = start + tl.arange(0, BLOCK_H)
         m = i < hi
-        acc = tl.zeros([BLOCK_H], tl.float32)
-        row = h_src + i
-        for _ in range(0, h_parts):
+        acc = tl.zeros([BLOCK_P, BLOCK_H], tl.float32)
+        for p0 in range(0, h_parts, BLOCK_P):
+            p = p0 + rows
+            block = h_src + (p.to(tl.int64) * h_part_stride)[:, None] + i[None, :]
+            pm = (p < h_parts)[:, None] & m[None, :]
             for g in range(0, h_groups):
-                acc += tl.load(row + g * h_len, mask=m, other=0.0)
-            row += h_part_stride
-        tl.store(h_dst + i, tl.load(h_dst + i, mask=m) + acc, mask=m)
+                acc += tl.load(block + g * h_len, mask=pm, other=0.0)
+        total = tl.sum(acc, axis=0)
+        tl.store(h_dst + i, tl.load(h_dst + i, mask=m) + total, mask=m)
         if CLEAR:
             tl.store(h_src + i, tl.zeros([BLOCK_H], tl.float32), mask=m)
     if first:
@@ -172,11 +177,6 @@ def _as_acl(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int, in
 def sample_span(c: int, length: int, s_c: int, s_l: int) -> int:
     """The largest element offset inside one sample of an (A, C, L) view."""
     return (c - 1) * abs(s_c) + (length - 1) * abs(s_l)
-
-
-# Commit slices on a GPU: 64 floats (256 bytes) a load, so a conv's partial rows spread over
-# many programs of the Ŝ launch.
-_GPU_BLOCK_H = 64
 
 
 class ReduceGeometry(NamedTuple):
@@ -247,13 +247,15 @@ def plan_reduce(
     else:
         h_len, parts, part_stride = commit.h_len, commit.parts, commit.part_stride
         groups = commit.groups
-    # one kernel variant on a GPU, whose programs share the commit in slices of whole blocks;
-    # the interpreter's cost grows with the tile
+    # On a GPU the programs share the commit in slices of whole blocks: a plain Ĥ 64 floats a
+    # load, partial rows 64 rows × 32 floats (many loads in flight, 2 variants in all); the
+    # interpreter's cost grows with the tile.
     if gpu:
-        block_h = _GPU_BLOCK_H
+        block_p, block_h = (1, 64) if parts <= 1 else (64, 32)
         h_per = block_h * cdiv(cdiv(max(h_len, 1), block_h), math.prod(geo.grid))
     else:
         block_h = pow2(h_len, low=16, high=1 << 16)
+        block_p = pow2(parts, high=max(1, (1 << 16) // block_h))
         h_per = max(h_len, 1)
     return ReduceLaunch(
         geo.grid,
@@ -263,7 +265,8 @@ def plan_reduce(
         dict(SQUARE=square, POST=post, TAIL_ONE=tail_one, COMMIT=commit is not None,
              CLEAR=commit is not None and commit.clear,
              H_TAIL=commit is not None and commit.tail, WIDE=geo.wide if wide is None else wide,
-             BLOCK_A=geo.block_a, BLOCK_C=geo.block_c, BLOCK_L=geo.block_l, BLOCK_H=block_h),
+             BLOCK_A=geo.block_a, BLOCK_C=geo.block_c, BLOCK_L=geo.block_l, BLOCK_P=block_p,
+             BLOCK_H=block_h),
     )
 
 

@@ -71,7 +71,7 @@ def reduction_cases() -> dict[str, dict[str, int]]:
                 post_divisor="fp32", second="fp32", h_src="*fp32", h_dst="*fp32", h_len="i32",
                 h_parts="i32", h_part_stride="i32", h_groups="i32", h_per="i32",
                 count_ptr="*fp32", SQUARE=True, POST=0, TAIL_ONE=False, COMMIT=True, CLEAR=False,
-                H_TAIL=True, WIDE=False, BLOCK_A=1, BLOCK_H=reductions._GPU_BLOCK_H)
+                H_TAIL=True, WIDE=False, BLOCK_A=1, BLOCK_P=64, BLOCK_H=32)
     aligned = ("x_ptr", "out_ptr", "C", "L", "s_a", "s_c", "s_l", "l_per", "h_src")
     return {
         # conv Ŝ at (256, 64, 56, 56): NCHW (positions contiguous) and channels_last
@@ -91,7 +91,8 @@ def reduction_cases() -> dict[str, dict[str, int]]:
                                          "BLOCK_C": 4, "BLOCK_L": 1024}, aligned),
         "reduce_norm_s": compile_kernel(reductions._channel_reduce_kernel,
                                         {**base, "SQUARE": False, "POST": 1, "s_l": 1,
-                                         "CLEAR": True, "H_TAIL": False, "BLOCK_C": 4096,
+                                         "CLEAR": True, "H_TAIL": False, "BLOCK_P": 1,
+                                         "BLOCK_H": 64, "BLOCK_C": 4096,
                                          "BLOCK_L": 1}, aligned),
     }
 
