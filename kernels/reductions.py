@@ -109,12 +109,12 @@ def _commit(h_src, h_dst, h_len, h_parts, h_part_stride, h_groups, h_per, progra
         i = start + tl.arange(0, BLOCK_H)
         m = i < hi
         acc = tl.zeros([BLOCK_P, BLOCK_H], tl.float32)
-        for p0 in range(0, h_parts, BLOCK_P):
-            p = p0 + rows
-            block = h_src + (p.to(tl.int64) * h_part_stride)[:, None] + i[None, :]
-            pm = (p < h_parts)[:, None] & m[None, :]
-            for g in range(0, h_groups):
-                acc += tl.load(block + g * h_len, mask=pm, other=0.0)
+        # rows q = (part, group) pairs, BLOCK_P at a time
+        for q0 in range(0, h_parts * h_groups, BLOCK_P):
+            q = q0 + rows
+            row = (q // h_groups).to(tl.int64) * h_part_stride + (q % h_groups) * h_len
+            pm = (q < h_parts * h_groups)[:, None] & m[None, :]
+            acc += tl.load(h_src + row[:, None] + i[None, :], mask=pm, other=0.0)
         total = tl.sum(acc, axis=0)
         tl.store(h_dst + i, tl.load(h_dst + i, mask=m) + total, mask=m)
         if CLEAR:
@@ -255,7 +255,7 @@ def plan_reduce(
         h_per = block_h * cdiv(cdiv(max(h_len, 1), block_h), math.prod(geo.grid))
     else:
         block_h = pow2(h_len, low=16, high=1 << 16)
-        block_p = pow2(parts, high=max(1, (1 << 16) // block_h))
+        block_p = pow2(parts * groups, high=max(1, (1 << 16) // block_h))
         h_per = max(h_len, 1)
     return ReduceLaunch(
         geo.grid,
