@@ -142,3 +142,16 @@ def test_planned_launches_follow_shape_and_layout_changes(name, make, x_shape, g
         assert rel_err(ours.pending, ref.pending) < 1e-6, (batch, channels_last)
     assert counts[0] >= 1 and counts[-2:] == [0, 0]  # seen before: looked up, not planned
     assert torch.equal(ours.pending_count, ref.pending_count)
+
+
+def test_settle_sums_partial_rows_and_frees_the_scratch() -> None:
+    """A commit outside the kernels (torch fallback) gets Ĥ itself, and the conv's pooled
+    partial rows are free for its next forward (the same storage, not a new allocation)."""
+    conv = nn.Conv2d(2, 4, 3, padding=1, groups=2).to(DEVICE)
+    pool = layer_statistics.ScratchPool()
+    x = randn(3, 2, 5, 4, seed=30)
+    first = layer_statistics.input_statistic(layer_kind(conv), conv, x, pool)
+    h = layer_statistics.settle(first, conv, pool)
+    assert rel_err(h, statistics.input_statistic(layer_kind(conv), conv, x)) < 1e-6
+    second = layer_statistics.input_statistic(layer_kind(conv), conv, x, pool)
+    assert second.parts is first.parts
