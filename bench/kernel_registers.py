@@ -40,12 +40,11 @@ def record_keys(model: str, batch: int) -> dict[tuple, int]:
     """(kernel name, argument keys, constexprs) → launches, for one steady pass and a step."""
     from adafisher import AdaFisherW  # noqa: PLC0415
 
-    launch_census._allow_meta()
     torch.manual_seed(0)
     net, x = launch_census.build(model, batch, torch.device("meta"), torch.bfloat16, False)
-    opt = AdaFisherW(net, backend="triton", factor_interval=1)
     keys: dict[tuple, int] = {}
-    with launch_census.LaunchCensus(run=False) as census:
+    with launch_census.meta_planning(), launch_census.LaunchCensus(run=False) as census:
+        opt = AdaFisherW(net, backend="triton", factor_interval=1)
         for i in range(2):
             with census.count() as seen:
                 net(x).float().square().mean().backward()

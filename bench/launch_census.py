@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import sys
 import time
@@ -45,6 +46,8 @@ class Census:
     torch_ops: Counter = field(default_factory=Counter)  # aten op → calls
     keys: Counter = field(default_factory=Counter)  # (kernel, specialization key) → launches
     grids: list = field(default_factory=list)  # (kernel, grid, constexprs)
+    # one record per statistics hook call: [layer kind, "forward"/"backward", launches, ops]
+    calls: list = field(default_factory=list)
 
     @property
     def n_launches(self) -> int:
@@ -54,17 +57,32 @@ class Census:
     def n_torch_ops(self) -> int:
         return sum(self.torch_ops.values())
 
+    def per_kind(self) -> dict[str, dict[str, int]]:
+        """Per layer kind: hook calls per phase, and the launches and torch ops they made
+        (in total and the most in one call)."""
+        out: dict[str, dict[str, int]] = {}
+        for kind, phase, launches, ops in self.calls:
+            row = out.setdefault(kind, Counter())
+            row[f"{phase}_calls"] += 1
+            row[f"{phase}_launches"] += launches
+            row[f"{phase}_torch_ops"] += ops
+            row[f"most_{phase}_launches"] = max(row[f"most_{phase}_launches"], launches)
+            row[f"most_{phase}_torch_ops"] = max(row[f"most_{phase}_torch_ops"], ops)
+        return {kind: dict(row) for kind, row in sorted(out.items())}
+
 
 class _OpCounter(TorchDispatchMode):
-    def __init__(self, census: Census, paused: list[bool]) -> None:
+    def __init__(self, census: Census, paused: list[bool], call: list) -> None:
         super().__init__()
-        self.census, self.paused = census, paused
+        self.census, self.paused, self.call = census, paused, call
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if not self.paused[0] and not func.is_view:
             name = func.overloadpacket.__name__
             if name not in _NO_LAUNCH:
                 self.census.torch_ops[name] += 1
+                if self.call[0] is not None:
+                    self.call[0][3] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -91,9 +109,10 @@ class _Recorder:
     """Stands in for one kernel: ``kernel[grid](*args, **kw)`` records, then runs or not."""
 
     def __init__(self, name: str, kernel: Any, census_ref: list, run: bool,
-                 paused: list[bool]) -> None:
+                 paused: list[bool], call: list) -> None:
         self.name, self.kernel, self.census_ref, self.run, self.paused = (
             name, kernel, census_ref, run, paused)
+        self.call = call
 
     def __getattr__(self, item: str) -> Any:
         return getattr(self.kernel, item)
@@ -109,6 +128,8 @@ class _Recorder:
                 census.launches[self.name] += 1
                 census.keys[(self.name, key)] += 1
                 census.grids.append((self.name, grid_value, constexprs))
+                if self.call[0] is not None:
+                    self.call[0][2] += 1
             if self.run:
                 self.paused[0] = True
                 try:
@@ -135,17 +156,42 @@ class LaunchCensus:
         self.run = run
         self._current: list = [None]
         self._paused = [False]
+        self._call: list = [None]  # the record of the statistics hook call under way
         self._patched: list[tuple[Any, str, Any]] = []
 
     def __enter__(self) -> LaunchCensus:
+        from adafisher.hooks import StatisticsCollector  # noqa: PLC0415
+
         for module in _kernel_modules():
             for name, value in vars(module).items():
                 # launched kernels only (jitted helpers are called from inside kernels)
                 if name.endswith("_kernel") and hasattr(value, "__getitem__"):
                     self._patched.append((module, name, value))
                     setattr(module, name, _Recorder(name.strip("_"), value, self._current,
-                                                    self.run, self._paused))
+                                                    self.run, self._paused, self._call))
+        # attribute launches and ops to the layer whose hook makes them
+        for name, phase in (("_collect", "forward"), ("_on_grad", "backward")):
+            original = StatisticsCollector.__dict__[name]
+            self._patched.append((StatisticsCollector, name, original))
+            setattr(StatisticsCollector, name, self._attributing(original, phase))
         return self
+
+    def _attributing(self, fn: Any, phase: str) -> Any:
+        call_ref, census_ref = self._call, self._current
+
+        def wrapper(collector, layer, *args, **kwargs):
+            census = census_ref[0]
+            if census is None or call_ref[0] is not None:
+                return fn(collector, layer, *args, **kwargs)
+            record = [layer.slot.kind.name.lower(), phase, 0, 0]
+            call_ref[0] = record
+            try:
+                return fn(collector, layer, *args, **kwargs)
+            finally:
+                call_ref[0] = None
+                census.calls.append(record)
+
+        return functools.update_wrapper(wrapper, fn)  # keeps fn's attributes (``prepare``)
 
     def __exit__(self, *exc: object) -> None:
         for module, name, value in reversed(self._patched):
@@ -157,7 +203,7 @@ class LaunchCensus:
         census = Census()
         self._current[0] = census
         try:
-            with _OpCounter(census, self._paused):
+            with _OpCounter(census, self._paused, self._call):
                 yield census
         finally:
             self._current[0] = None
@@ -249,14 +295,28 @@ def build(model: str, batch: int, device: torch.device, dtype: torch.dtype,
     return net.to(device=device, dtype=dtype), idx
 
 
-def _allow_meta() -> None:
+@contextlib.contextmanager
+def meta_planning() -> Iterator[None]:
     """Let the Triton backend plan for meta tensors (shapes-only runs): launches are recorded
-    by the census and never reach a device."""
+    by the census and never reach a device. Restored on exit."""
     from adafisher import hooks  # noqa: PLC0415
     from adafisher.backends import triton_backend  # noqa: PLC0415
+    from adafisher.optimizer import AdaFisher  # noqa: PLC0415
 
-    triton_backend._runs_on = lambda device, interpreted: True
-    hooks._autocast_enabled = lambda device_type: False  # meta has no autocast state
+    patches = [
+        (triton_backend, "_runs_on", lambda device, interpreted: True),
+        (hooks, "_autocast_enabled", lambda device_type: False),  # meta has no autocast
+        # the unfed-layer check reads the pass counts back: meta tensors hold no data
+        (AdaFisher, "_warn_unfed_layers", lambda self, buffers: None),
+    ]
+    saved = [(owner, name, owner.__dict__[name]) for owner, name, _ in patches]
+    try:
+        for owner, name, value in patches:
+            setattr(owner, name, value)
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
 
 
 @contextlib.contextmanager
@@ -292,10 +352,15 @@ def measure(model: str, batch: int, device: torch.device, dtype: torch.dtype, pa
             small: bool) -> dict[str, Any]:
     """Launches and torch ops per statistics pass (steady state: the second pass) and per
     step, and the host time the hooks take per pass (median of ``passes``)."""
+
+    with meta_planning() if device.type == "meta" else contextlib.nullcontext():
+        return _measure(model, batch, device, dtype, passes, small)
+
+
+def _measure(model: str, batch: int, device: torch.device, dtype: torch.dtype, passes: int,
+             small: bool) -> dict[str, Any]:
     from adafisher import AdaFisherW  # noqa: PLC0415
 
-    if device.type == "meta":
-        _allow_meta()
     torch.manual_seed(0)
     net, x = build(model, batch, device, dtype, small)
     opt = AdaFisherW(net, backend="triton", factor_interval=1)
@@ -330,6 +395,7 @@ def measure(model: str, batch: int, device: torch.device, dtype: torch.dtype, pa
         "torch_ops_added": steady.n_torch_ops - plain.n_torch_ops,
         "by_kernel": dict(steady.launches),
         "extra_torch_ops": dict(steady.torch_ops - plain.torch_ops),
+        "per_kind": steady.per_kind(),
     }
     report["step"] = {"launches": step_census.n_launches, "by_kernel": dict(step_census.launches)}
     report["hook_host_ms_per_pass"] = round(1e3 * sorted(hook_seconds)[len(hook_seconds) // 2], 3)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 
 
 def interpreted(kernel: object) -> bool:
@@ -17,9 +16,16 @@ def interpreted(kernel: object) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
+# Plain-Python integer helpers: ``triton.cdiv`` and ``triton.next_power_of_2`` are jitted
+# functions whose host-side call costs microseconds each, a dozen times per layer and pass.
+def cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ for integers, b > 0."""
+    return -(-a // b)
+
+
 def pow2(n: int, low: int = 1, high: int | None = None) -> int:
     """The next power of two ≥ n, clamped to [low, high]."""
-    value = max(low, triton.next_power_of_2(max(1, int(n))))
+    value = max(low, 1 << (max(1, int(n)) - 1).bit_length())
     return min(value, high) if high is not None else value
 
 
@@ -57,10 +63,10 @@ def split(total: int, parts: int) -> tuple[int, int]:
     one part of at least one item, so an empty extent still launches the program that writes
     a bias entry or commits a pass."""
     parts = max(1, min(int(parts), int(total)))
-    per = max(1, triton.cdiv(total, parts))
-    return per, max(1, triton.cdiv(total, per))
+    per = max(1, cdiv(total, parts))
+    return per, max(1, cdiv(total, per))
 
 
 def tiles(total: int, block: int) -> int:
     """Tiles of ``block`` covering ``total`` (at least one: see ``split``)."""
-    return max(1, triton.cdiv(total, block))
+    return max(1, cdiv(total, block))

@@ -10,9 +10,10 @@ identity. Viewed that way it covers:
   ``Σ_c s_c²`` and Ŝ's ``s_c²``; the programs then own whole channels.
 
 Committing a backward pass (adding the forward's Ĥ into the pending buffer and +1 into the
-layer's pass count) rides along in program 0 of the Ŝ launch, so a Linear or Conv pass costs one
-launch on the backward side; it also zeroes the layer's forward scratch (``Commit.clear``),
-so the next pass needs no zero-fill.
+layer's pass count) rides along in the Ŝ launch, its programs taking slices of Ĥ, so every
+layer's pass costs one launch on the backward side. A plain Ĥ (Linear, norms, 1×1 conv) is
+zeroed after reading (``Commit.clear``), so the next forward needs no zero-fill; a conv's
+partial rows (``kernels.conv_patch``) are summed, in a fixed order, and need no zeroing.
 """
 
 from __future__ import annotations
@@ -25,17 +26,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import gpu_like, pow2, split, target_programs, tiles
+from ._launch import cdiv, gpu_like, pow2, split, target_programs, tiles
 
 
 @triton.jit
 def _channel_reduce_kernel(
     x_ptr, out_ptr, A, C, L, s_a, s_c, s_l, a_per, l_per, divisor, post_divisor, second,
-    h_src, h_dst, h_len, count_ptr, clear_ptr, clear_len, clear_per,
+    h_src, h_dst, h_len, h_parts, h_part_stride, h_groups, h_per, count_ptr,
     SQUARE: tl.constexpr, POST: tl.constexpr, TAIL_ONE: tl.constexpr, COMMIT: tl.constexpr,
-    CLEAR: tl.constexpr, WIDE: tl.constexpr,
+    CLEAR: tl.constexpr, H_TAIL: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     pid_a = tl.program_id(1)
@@ -86,35 +87,53 @@ def _channel_reduce_kernel(
         if first:
             tl.store(out_ptr + C, 1.0)  # the bias entry of Ĥ
     if COMMIT:
-        if first:
-            _commit(h_src, h_dst, h_len, count_ptr, CLEAR, BLOCK_H)
-    if CLEAR:  # zero the layer's scratch past Ĥ (conv X2) for its next pass, a slice a program
         program = (pid_a * tl.num_programs(2) + pid_l) * tl.num_programs(0) + pid_c
-        lo = program.to(tl.int64) * clear_per
-        hi = tl.minimum(lo + clear_per, clear_len)
-        for start in range(lo, hi, BLOCK_H):
-            i = start + tl.arange(0, BLOCK_H)
-            tl.store(clear_ptr + i, tl.zeros([BLOCK_H], tl.float32), mask=i < hi)
+        _commit(h_src, h_dst, h_len, h_parts, h_part_stride, h_groups, h_per, program,
+                count_ptr, first, CLEAR, H_TAIL, BLOCK_P, BLOCK_H)
 
 
 @triton.jit
-def _commit(h_src, h_dst, h_len, count_ptr, CLEAR: tl.constexpr, BLOCK_H: tl.constexpr):
-    """pending[H] += Ĥ and pass count += 1, by one program (nothing else touches them); CLEAR
-    zeroes Ĥ's scratch after reading it, ready for the layer's next forward."""
-    for start in range(0, h_len, BLOCK_H):
+def _commit(h_src, h_dst, h_len, h_parts, h_part_stride, h_groups, h_per, program, count_ptr,
+            first, CLEAR: tl.constexpr, H_TAIL: tl.constexpr, BLOCK_P: tl.constexpr,
+            BLOCK_H: tl.constexpr):
+    """pending[H][j] += Σ_{p < h_parts} Σ_{g < h_groups} src[p·h_part_stride + g·h_len + j]
+    for j < h_len (the forward's partial rows; one row and group for a plain Ĥ), program by
+    program over slices of ``h_per`` elements, ``BLOCK_P`` rows a load: one writer per element,
+    a fixed order. The first program adds 1 after them (H_TAIL: the bias entry) and +1 to the
+    pass count. CLEAR zeroes a plain Ĥ after reading it, ready for the layer's next forward
+    (which accumulates)."""
+    lo = program.to(tl.int64) * h_per
+    hi = tl.minimum(lo + h_per, h_len)
+    rows = tl.arange(0, BLOCK_P)
+    for start in range(lo, hi, BLOCK_H):
         i = start + tl.arange(0, BLOCK_H)
-        m = i < h_len
-        tl.store(h_dst + i, tl.load(h_dst + i, mask=m) + tl.load(h_src + i, mask=m), mask=m)
+        m = i < hi
+        acc = tl.zeros([BLOCK_P, BLOCK_H], tl.float32)
+        # rows q = (part, group) pairs, BLOCK_P at a time
+        for q0 in range(0, h_parts * h_groups, BLOCK_P):
+            q = q0 + rows
+            row = (q // h_groups).to(tl.int64) * h_part_stride + (q % h_groups) * h_len
+            pm = (q < h_parts * h_groups)[:, None] & m[None, :]
+            acc += tl.load(h_src + row[:, None] + i[None, :], mask=pm, other=0.0)
+        total = tl.sum(acc, axis=0)
+        tl.store(h_dst + i, tl.load(h_dst + i, mask=m) + total, mask=m)
         if CLEAR:
             tl.store(h_src + i, tl.zeros([BLOCK_H], tl.float32), mask=m)
-    tl.store(count_ptr, tl.load(count_ptr) + 1.0)
+    if first:
+        if H_TAIL:
+            tl.store(h_dst + h_len, tl.load(h_dst + h_len) + 1.0)
+        tl.store(count_ptr, tl.load(count_ptr) + 1.0)
 
 
 # --------------------------------------------------------------------------- host wrappers
 class Commit:
     """What a backward pass adds besides Ŝ: the forward's Ĥ into ``h_dst`` and +1 into
-    ``count`` (views into the pending buffer and the pass counts). ``clear``: zero ``h_src``
-    after reading it, and ``scratch`` too (the layer's reusable forward scratch)."""
+    ``count`` (views into the pending buffer and the pass counts).
+
+    ``h_src`` is either a plain Ĥ (``parts`` = ``groups`` = 1, ``h_len`` its length; ``clear``:
+    zero it after reading, for a forward that accumulates into it) or a conv's partial rows:
+    ``parts`` rows ``part_stride`` apart, each ``groups`` blocks of ``h_len`` floats, summed;
+    ``tail``: then add 1 at ``h_dst[h_len]`` (the bias entry)."""
 
     def __init__(
         self,
@@ -122,10 +141,16 @@ class Commit:
         h_dst: torch.Tensor,
         count: torch.Tensor,
         clear: bool = False,
-        scratch: torch.Tensor | None = None,
+        *,
+        h_len: int | None = None,
+        parts: int = 1,
+        part_stride: int = 0,
+        groups: int = 1,
+        tail: bool = False,
     ) -> None:
-        self.h_src, self.h_dst, self.count = h_src, h_dst, count
-        self.clear, self.scratch = clear, scratch
+        self.h_src, self.h_dst, self.count, self.clear = h_src, h_dst, count, clear
+        self.h_len = h_src.numel() if h_len is None else h_len
+        self.parts, self.part_stride, self.groups, self.tail = parts, part_stride, groups, tail
 
 
 def acl_view(x: torch.Tensor) -> tuple[int, int, int, int, int, int] | None:
@@ -183,10 +208,81 @@ def reduce_geometry(
     c_tiles = tiles(c, block_c)
     want = 1 if whole else max(1, programs // c_tiles)
     a_per, a_parts = split(a, want)
-    l_per, l_parts = split(triton.cdiv(length, block_l), triton.cdiv(want, a_parts))
+    l_per, l_parts = split(cdiv(length, block_l), cdiv(want, a_parts))
     wide = sample_span(c, length, s_c, s_l) >= 2**31
     return ReduceGeometry((c_tiles, a_parts, l_parts), a_per, l_per * block_l, block_a,
                           block_c, block_l, wide)
+
+
+class ReduceLaunch(NamedTuple):
+    """Everything of one channel-reduction launch but its tensors (a layer caches it)."""
+
+    grid: tuple[int, int, int]
+    ints: tuple  # A C L s_a s_c s_l a_per l_per divisor post_divisor second
+    h_ints: tuple  # h_len parts part_stride groups h_per (the fused commit)
+    constexprs: dict
+
+
+def plan_reduce(
+    view: tuple[int, int, int, int, int, int],
+    device: torch.device,
+    divisor: float,
+    *,
+    square: bool,
+    tail_one: bool = False,
+    commit: Commit | None = None,
+    wide: bool | None = None,
+    post: int = 0,
+    post_divisor: float = 1.0,
+    second: float = 0.0,
+    deterministic: bool = False,
+) -> ReduceLaunch:
+    """The launch of ``channel_reduce`` for a tensor whose ``acl_view`` is ``view``."""
+    a, c, length, s_a, s_c, s_l = view
+    gpu = gpu_like(device)
+    geo = reduce_geometry(a, c, length, s_c, s_l, gpu, target_programs(device),
+                          post != 0 or deterministic)
+    if commit is None:
+        h_len = parts = part_stride = groups = 0
+    else:
+        h_len, parts, part_stride = commit.h_len, commit.parts, commit.part_stride
+        groups = commit.groups
+    # On a GPU the programs share the commit in slices of whole blocks: a plain Ĥ 64 floats a
+    # load, partial rows 64 rows × 32 floats (many loads in flight, 2 variants in all); the
+    # interpreter's cost grows with the tile.
+    if gpu:
+        block_p, block_h = (1, 64) if parts <= 1 else (64, 32)
+        h_per = block_h * cdiv(cdiv(max(h_len, 1), block_h), math.prod(geo.grid))
+    else:
+        block_h = pow2(h_len, low=16, high=1 << 16)
+        block_p = pow2(parts * groups, high=max(1, (1 << 16) // block_h))
+        h_per = max(h_len, 1)
+    return ReduceLaunch(
+        geo.grid,
+        (a, c, length, s_a, s_c, s_l, geo.a_per, geo.l_per, float(divisor),
+         float(post_divisor), float(second)),
+        (h_len, parts, part_stride, groups, h_per),
+        dict(SQUARE=square, POST=post, TAIL_ONE=tail_one, COMMIT=commit is not None,
+             CLEAR=commit is not None and commit.clear,
+             H_TAIL=commit is not None and commit.tail, WIDE=geo.wide if wide is None else wide,
+             BLOCK_A=geo.block_a, BLOCK_C=geo.block_c, BLOCK_L=geo.block_l, BLOCK_P=block_p,
+             BLOCK_H=block_h),
+    )
+
+
+def launch_reduce(
+    plan: ReduceLaunch,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    h_src: torch.Tensor | None = None,
+    h_dst: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
+) -> None:
+    """Run a planned reduction; x is read from its first element with the planned strides."""
+    if h_src is None:
+        h_src = h_dst = count = out
+    _channel_reduce_kernel[plan.grid](x, out, *plan.ints, h_src, h_dst, *plan.h_ints, count,
+                                      **plan.constexprs)
 
 
 def channel_reduce(
@@ -210,27 +306,11 @@ def channel_reduce(
     post_divisor``. ``tail_one`` also writes 1 at ``out[C]`` (bias entry); ``commit`` fuses a
     pass commit; ``wide`` forces 64-bit offsets (default: when a sample spans 2**31 elements or
     more); ``deterministic``: each output element gets one writer, summing in a fixed order."""
-    x, (a, c, length, s_a, s_c, s_l) = _as_acl(x)
-    gpu = gpu_like(x.device)
-    geo = reduce_geometry(a, c, length, s_c, s_l, gpu, target_programs(x.device),
-                          post != 0 or deterministic)
-    clear_ptr, clear_len, clear_per = out, 0, 1
+    x, view = _as_acl(x)
+    plan = plan_reduce(view, x.device, divisor, square=square, tail_one=tail_one,
+                       commit=commit, wide=wide, post=post, post_divisor=post_divisor,
+                       second=second, deterministic=deterministic)
     if commit is None:
-        h_src = h_dst = count = out
-        h_len = 0
+        launch_reduce(plan, x, out)
     else:
-        h_src, h_dst, count, h_len = commit.h_src, commit.h_dst, commit.count, commit.h_src.numel()
-        if commit.scratch is not None and commit.scratch.numel():
-            clear_ptr, clear_len = commit.scratch, commit.scratch.numel()
-            clear_per = triton.cdiv(clear_len, math.prod(geo.grid))
-    # one kernel variant on a GPU; the interpreter's cost grows with the tile
-    block_h = 1024 if gpu else pow2(max(h_len, clear_len), low=16, high=1 << 16)
-    _channel_reduce_kernel[geo.grid](
-        x, out, a, c, length, s_a, s_c, s_l, geo.a_per, geo.l_per, float(divisor),
-        float(post_divisor), float(second), h_src, h_dst, h_len, count, clear_ptr, clear_len,
-        clear_per,
-        SQUARE=square, POST=post, TAIL_ONE=tail_one, COMMIT=commit is not None,
-        CLEAR=commit is not None and commit.clear,
-        WIDE=geo.wide if wide is None else wide,
-        BLOCK_A=geo.block_a, BLOCK_C=geo.block_c, BLOCK_L=geo.block_l, BLOCK_H=block_h,
-    )
+        launch_reduce(plan, x, out, commit.h_src, commit.h_dst, commit.count)

@@ -132,7 +132,8 @@ class TritonBackend:
             or not _runs_on(buffers.device, self.interpreted)
         ):
             torch_backend.TorchBackend().commit_pass(
-                buffers, slot, module, h_hat, grad_output, batch
+                buffers, slot, module, self._stats.settle(h_hat, module, self._scratch),
+                grad_output, batch
             )
             return
         self._stats.commit_pass(buffers, slot, module, h_hat, grad_output, batch, self._scratch)

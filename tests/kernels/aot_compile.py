@@ -69,10 +69,10 @@ def reduction_cases() -> dict[str, dict[str, int]]:
     base = dict(x_ptr="*bf16", out_ptr="*fp32", A="i32", C="i32", L="i32", s_a="i32",
                 s_c="i32", s_l="i32", a_per="i32", l_per="i32", divisor="fp32",
                 post_divisor="fp32", second="fp32", h_src="*fp32", h_dst="*fp32", h_len="i32",
-                count_ptr="*fp32", clear_ptr="*fp32", clear_len="i64", clear_per="i64",
-                SQUARE=True, POST=0, TAIL_ONE=False, COMMIT=True, CLEAR=True, WIDE=False,
-                BLOCK_A=1, BLOCK_H=1024)
-    aligned = ("x_ptr", "out_ptr", "C", "L", "s_a", "s_c", "s_l", "l_per", "clear_ptr")
+                h_parts="i32", h_part_stride="i32", h_groups="i32", h_per="i32",
+                count_ptr="*fp32", SQUARE=True, POST=0, TAIL_ONE=False, COMMIT=True, CLEAR=False,
+                H_TAIL=True, WIDE=False, BLOCK_A=1, BLOCK_P=64, BLOCK_H=32)
+    aligned = ("x_ptr", "out_ptr", "C", "L", "s_a", "s_c", "s_l", "l_per", "h_src")
     return {
         # conv Ŝ at (256, 64, 56, 56): NCHW (positions contiguous) and channels_last
         "reduce_nchw": compile_kernel(reductions._channel_reduce_kernel,
@@ -87,11 +87,13 @@ def reduction_cases() -> dict[str, dict[str, int]]:
         # norm-layer Ĥ (Σ_c of squared channel sums) and Ŝ (squared sums) in one launch
         "reduce_norm_h": compile_kernel(reductions._channel_reduce_kernel,
                                         {**base, "x_ptr": "*fp32", "SQUARE": False, "POST": 2,
-                                         "COMMIT": False, "CLEAR": False, "s_l": 1,
+                                         "COMMIT": False, "H_TAIL": False, "s_l": 1,
                                          "BLOCK_C": 4, "BLOCK_L": 1024}, aligned),
         "reduce_norm_s": compile_kernel(reductions._channel_reduce_kernel,
                                         {**base, "SQUARE": False, "POST": 1, "s_l": 1,
-                                         "BLOCK_C": 4096, "BLOCK_L": 1}, aligned),
+                                         "CLEAR": True, "H_TAIL": False, "BLOCK_P": 1,
+                                         "BLOCK_H": 64, "BLOCK_C": 4096,
+                                         "BLOCK_L": 1}, aligned),
     }
 
 
@@ -100,11 +102,12 @@ def conv_cases() -> dict[str, dict[str, int]]:
                    s_c="i32", s_l="i32", per_group="i32", o_sc="i32", o_sl="i32", b_per="i32",
                    fold="i32", GROUPED=False, FOLD=False, WIDE=False, BLOCK_B=1)
     aligned = ("x_ptr", "out_ptr", "C", "L", "s_b", "s_c", "s_l", "per_group", "o_sc", "o_sl")
-    ints = {name: "i32" for name in ("per_group", "o_sc", "o_sl", "L1", "L2", "L3", "K2", "K3",
-                                      "S1", "S2", "S3", "D1", "D2", "D3", "P1", "P2", "P3",
-                                      "N1", "N2", "N3", "o_per", "n_k", "h_len")}
-    patch = dict(x2_ptr="*fp32", h_ptr="*fp32", divisor="fp32", **ints, HAS_BIAS=True,
-                 WIDE=False, BLOCK_C=8, BLOCK_K=1, BLOCK_O=512)
+    ints = {name: "i32" for name in ("B", "C", "L", "s_b", "s_c", "s_l", "b_per", "row", "n_k",
+                                      "L2", "L3", "K2", "K3", "S1", "S2", "S3", "D1", "D2",
+                                      "D3", "P1", "P2", "P3", "N1", "N2", "N3")}
+    partials = dict(x_ptr="*bf16", part_ptr="*fp32", divisor="fp32", **ints, POINTWISE=False,
+                    WIDE=False, BLOCK_B=1)
+    partials_aligned = ("x_ptr", "part_ptr", "C", "L", "s_b", "s_c", "s_l")
     return {
         "batch_squares_nchw": compile_kernel(conv_patch._batch_squares_kernel,
                                              {**squares, "s_l": 1, "o_sl": 1, "BLOCK_C": 4,
@@ -120,8 +123,21 @@ def conv_cases() -> dict[str, dict[str, int]]:
         "batch_squares_wide": compile_kernel(conv_patch._batch_squares_kernel,
                                              {**squares, "s_l": 1, "o_sl": 1, "WIDE": True,
                                               "BLOCK_C": 4, "BLOCK_L": 1024}, aligned),
-        "patch_sums": compile_kernel(conv_patch._patch_sums_kernel, patch),
-        "patch_sums_wide": compile_kernel(conv_patch._patch_sums_kernel, {**patch, "WIDE": True}),
+        # conv Ĥ at (256, 64, 56, 56) 3×3: channels_last and NCHW tiles, a strided 1×1, wide
+        "patch_partials_channels_last": compile_kernel(
+            conv_patch._patch_partials_kernel,
+            {**partials, "s_c": 1, "BLOCK_C": 64, "BLOCK_L": 64}, partials_aligned),
+        "patch_partials_nchw": compile_kernel(
+            conv_patch._patch_partials_kernel,
+            {**partials, "s_l": 1, "BLOCK_C": 4, "BLOCK_L": 1024}, partials_aligned),
+        "patch_partials_pointwise": compile_kernel(
+            conv_patch._patch_partials_kernel,
+            {**partials, "s_c": 1, "POINTWISE": True, "BLOCK_C": 128, "BLOCK_L": 32},
+            partials_aligned),
+        "patch_partials_wide": compile_kernel(
+            conv_patch._patch_partials_kernel,
+            {**partials, "s_l": 1, "WIDE": True, "BLOCK_C": 4, "BLOCK_L": 1024},
+            partials_aligned),
     }
 
 

@@ -49,7 +49,15 @@ def test_statistics_read_16_bytes_at_a_time_and_add_relaxed(ptx_facts) -> None:
             name, facts)
 
 
+def test_conv_statistic_reads_16_bytes_at_a_time_and_writes_without_atomics(ptx_facts) -> None:
+    """The conv Ĥ writes its partial rows (no atomics: reproducible, nothing to zero first)."""
+    for name in ("patch_partials_channels_last", "patch_partials_nchw"):
+        facts = ptx_facts[name]
+        assert facts.get("ld.global.v4.b32", 0) >= 2, (name, facts)
+        assert _count(facts, "atom.") == 0 and _count(facts, "red.") == 0, (name, facts)
+
+
 def test_every_kernel_compiled(ptx_facts) -> None:
     assert set(ptx_facts) >= {"step_fp32", "step_bf16", "reduce_wide", "reduce_norm_h",
-                              "reduce_norm_s", "patch_sums", "patch_sums_wide",
-                              "batch_squares_wide", "blend"}
+                              "reduce_norm_s", "patch_partials_pointwise",
+                              "patch_partials_wide", "batch_squares_wide", "blend"}

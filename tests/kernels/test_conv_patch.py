@@ -7,9 +7,14 @@ import torch
 from kernel_testing import DEVICE, LOW_PRECISION, randn, rel_err
 from torch import nn
 
-from adafisher.backends.triton_statistics import conv_input_statistic as kernel_statistic
+from adafisher.backends import triton_statistics
 from adafisher.conv_statistics import batch_sum_of_squares, conv_input_statistic
 from adafisher.kernels import conv_patch
+
+
+def kernel_statistic(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return triton_statistics.total(triton_statistics.conv_input_statistic(conv, x))
+
 
 # (name, conv, input shape)
 CASES = [
@@ -96,3 +101,45 @@ def test_strided_channels_take_the_two_dimensional_path(groups: int) -> None:
     x = randn(3, 4, 11, seed=5)[:, :, :8]
     assert x.stride() == (44, 11, 1)
     assert rel_err(kernel_statistic(conv, x), conv_input_statistic(conv, x)) < 1e-6
+
+
+ZERO_PADDED = [case for case in CASES if case[0] not in ("reflect", "circular", "replicate")]
+ZERO_PADDED += [
+    ("1x1_s2_nchw", lambda: nn.Conv2d(5, 3, 1, stride=2), (2, 5, 7, 6)),
+    ("1x1_s3x2_padded", lambda: nn.Conv2d(3, 2, 1, stride=(3, 2), padding=1), (3, 3, 8, 7)),
+    ("1x1_s2_conv3d", lambda: nn.Conv3d(2, 3, 1, stride=2), (2, 2, 5, 3, 4)),
+    ("nonsquare_s_d", lambda: nn.Conv2d(3, 4, (2, 5), stride=(3, 1), dilation=(1, 2),
+                                        padding=(2, 0)), (1, 3, 11, 13)),
+]
+
+
+@pytest.mark.parametrize("name,make,shape", ZERO_PADDED, ids=[c[0] for c in ZERO_PADDED])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_partials_overwrite_poisoned_storage(name, make, shape, channels_last) -> None:
+    """One launch writes every partial row (NaN-poisoned storage, nothing zeroed first), and
+    their sum is the reference Ĥ."""
+    conv = make().to(DEVICE)
+    x = randn(*shape, seed=6)
+    if channels_last:
+        x = _channels_last(x)
+    partial = conv_patch.conv_input_partials(
+        x, conv.groups, tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation),
+        triton_statistics.conv_padding(conv), conv.bias is not None,
+        storage=lambda n: torch.full((n,), float("nan"), device=DEVICE))
+    assert partial.parts.numel() == partial.n_parts * partial.groups * partial.h_core
+    assert rel_err(partial.total(), conv_input_statistic(conv, x)) < 1e-6
+
+
+def test_geometry_bounds_partials_by_what_a_part_reads() -> None:
+    """Splitting the batch for parallelism stops where the partial rows (C·Πk floats a part)
+    would pass 1/16 of what a part reads: ResNet-50's stem and a 3×3 conv at batch 256."""
+    for channels, spatial, kernel, stride, pad in ((3, (224, 224), (7, 7), (2, 2), (3, 3)),
+                                                   (64, (56, 56), (3, 3), (1, 1), (1, 1)),
+                                                   (512, (7, 7), (3, 3), (1, 1), (1, 1))):
+        outs = tuple((n + 2 * p - k) // s + 1 for n, k, s, p in zip(spatial, kernel, stride,
+                                                                    pad))
+        geo = conv_patch.partials_geometry(256, channels, spatial, 1, channels, kernel, stride,
+                                           (1, 1), pad, outs, True, 1056)
+        read = 256 * channels * spatial[0] * spatial[1]
+        assert geo.n_parts * geo.row <= read / 16
+        assert geo.grid[0] * geo.grid[1] * geo.grid[2] >= 8  # still spread over programs

@@ -65,8 +65,10 @@ def test_deterministic_mode_plans_one_writer_per_element():
     # fast: reductions spread over samples/positions with atomics; fixed: whole channels
     assert any(g[1] * g[2] > 1 for g in fast["channel_reduce_kernel"])
     assert all(g[1:] == (1, 1) for g in fixed["channel_reduce_kernel"])
-    assert fast["batch_squares_kernel"][0][2] > 1 and fixed["batch_squares_kernel"][0][2] == 1
-    assert fast["patch_sums_kernel"][0][2] > 1 and fixed["patch_sums_kernel"][0][2] == 1
+    # a conv's Ĥ writes partial rows (one writer each, summed in order by the commit): the
+    # same spread-out plan in both modes
+    assert fast["patch_partials_kernel"] == fixed["patch_partials_kernel"]
+    assert fast["patch_partials_kernel"][0][2] > 1
 
 
 class Net(nn.Module):

@@ -1,7 +1,9 @@
-"""Launch census of the Triton statistics path (bench/launch_census.py), under the interpreter:
-per tracked layer and pass one launch in forward and one in backward (a conv with a real patch:
-two in forward), no torch op besides (no zero-fills), one factor-update launch per device.
-Counts, not times."""
+"""Launch census of the Triton statistics path (bench/launch_census.py): per tracked layer and
+pass, every kind, one launch in forward and one in backward, no torch op besides (no
+zero-fills), one factor-update launch per device. Counted by instrumenting the launcher, per
+layer hook call: under the interpreter (small models, kernels run) and on the meta device
+(ResNet-50 and a GPT-style model at real sizes, launches planned and recorded). Counts, not
+times."""
 
 from __future__ import annotations
 
@@ -16,31 +18,43 @@ from torch import nn
 from adafisher import AdaFisherW
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench import launch_census  # noqa: E402
 from bench.launch_census import LaunchCensus  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not INTERPRETED, reason="counts the interpreter's launches")
+interpreter_only = pytest.mark.skipif(not INTERPRETED, reason="counts the interpreter's launches")
 
 
 class Mixed(nn.Module):
-    """Every tracked kind: a patch conv, a 1×1 conv, a strided 1-d conv, BatchNorm (from its
-    saved mean), LayerNorm and Linear."""
+    """Every tracked kind: a patch conv, a grouped strided conv, a 1×1 conv, a strided 2-d
+    1×1 conv (NCHW: no single strided view), a strided 1-d conv, BatchNorm (from its saved
+    mean), LayerNorm and Linear."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.grouped = nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=2)
         self.bn = nn.BatchNorm2d(4)
         self.pointwise = nn.Conv2d(4, 3, 1)
+        self.down = nn.Conv2d(4, 4, 1, stride=2)
         self.strided = nn.Conv1d(3, 3, 1, stride=2, bias=False)
         self.norm = nn.LayerNorm(8)
         self.fc = nn.Linear(8, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.pointwise(torch.relu(self.bn(self.conv(x))))  # (B, 3, 4, 4)
+        y = torch.relu(self.bn(self.conv(x)))  # (B, 4, 4, 4)
+        y = self.pointwise(y + self.grouped(y).repeat_interleave(2, -1).repeat_interleave(2, -2)
+                           + self.down(y).repeat_interleave(2, -1).repeat_interleave(2, -2))
         y = self.strided(y.flatten(2))  # (B, 3, 8)
         return self.fc(self.norm(y)).mean(1)
 
 
-PATCH_CONVS = 1  # self.conv: X2 then the patch sums
+def assert_bound(census) -> None:
+    """At most one launch and no torch op per layer hook call, forward and backward."""
+    for kind, row in census.per_kind().items():
+        for phase in ("forward", "backward"):
+            assert row[f"most_{phase}_launches"] <= 1, (kind, row)
+            assert row[f"most_{phase}_torch_ops"] == 0, (kind, row)
+            assert row[f"{phase}_launches"] <= row[f"{phase}_calls"], (kind, row)
 
 
 @pytest.fixture(autouse=True)
@@ -51,13 +65,14 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+@interpreter_only
 def test_two_launches_per_layer_and_no_torch_ops():
     torch.manual_seed(0)
     model = Mixed().to(DEVICE)
     opt = AdaFisherW(model, backend="triton", factor_interval=1, lr=1e-5)
     x = torch.randn(3, 2, 4, 4, device=DEVICE)
     layers = len(opt.tracked_layers)
-    assert layers == 6
+    assert layers == 8
     with LaunchCensus() as census:
         passes = []
         for _ in range(3):
@@ -71,13 +86,18 @@ def test_two_launches_per_layer_and_no_torch_ops():
         with census.count() as bare:
             model(x).square().mean().backward()
     # the first pass allocates each layer's scratch once (one zero-fill per layer)
-    assert passes[0].n_launches == 2 * layers + PATCH_CONVS
+    assert passes[0].n_launches == 2 * layers
     for seen in passes[1:]:
-        assert seen.n_launches == 2 * layers + PATCH_CONVS
+        assert seen.n_launches == 2 * layers
         assert seen.torch_ops == bare.torch_ops, seen.torch_ops - bare.torch_ops
+        assert_bound(seen)
+        assert {kind: (row["forward_calls"], row["backward_calls"])
+                for kind, row in seen.per_kind().items()} == {
+            "conv": (5, 5), "batchnorm": (1, 1), "layernorm": (1, 1), "linear": (1, 1)}
     assert dict(step.launches) == {"blend_kernel": 1, "step_kernel": 1}
 
 
+@interpreter_only
 def test_forward_without_backward_falls_back_to_fresh_scratch():
     """A forward whose backward never runs keeps its layer's scratch: the next forward gets
     fresh zeros (one torch op), and statistics stay those of the backpropagated passes."""
@@ -97,3 +117,33 @@ def test_forward_without_backward_falls_back_to_fresh_scratch():
     ref.step()
     for ours, theirs in zip(opt.factors(""), ref.factors("")):
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("model,batch,layers,by_kind", [
+    ("resnet50", 256, 107, {"conv": 53, "batchnorm": 53, "linear": 1}),
+    ("gpt", 8, 74, {"layernorm": 25, "linear": 49}),
+])
+def test_real_models_on_the_meta_device(model, batch, layers, by_kind):
+    """ResNet-50 (batch 256, 224², bf16, channels_last) and a GPT-2-small-shaped model
+    (batch 8, context 1024, bf16), launches planned for an H100/H200 and recorded: a steady
+    pass launches exactly 2 per tracked layer and adds no torch op; a step launches the
+    factor update and the step once each."""
+    report = launch_census.measure(model, batch, torch.device("meta"), torch.bfloat16,
+                                   passes=1, small=False)
+    assert report["tracked_layers"] == layers
+    steady = report["pass"]
+    assert steady["launches"] == 2 * layers
+    assert steady["torch_ops_added"] == 0, steady["extra_torch_ops"]
+    per_kind = steady["per_kind"]
+    assert {kind: row["forward_calls"] for kind, row in per_kind.items()} == by_kind
+    for kind, row in per_kind.items():
+        for phase in ("forward", "backward"):
+            assert row[f"{phase}_calls"] == by_kind[kind]
+            assert row[f"most_{phase}_launches"] == 1 and row[f"{phase}_launches"] == by_kind[
+                kind], (kind, row)
+            assert row[f"most_{phase}_torch_ops"] == 0, (kind, row)
+    assert report["step"]["by_kernel"] == {"blend_kernel": 1, "step_kernel": 1}
+    # meta planning is undone: the Triton backend refuses meta tensors again
+    from adafisher.backends import triton_backend  # noqa: PLC0415
+
+    assert not triton_backend._runs_on(torch.device("meta"), INTERPRETED)

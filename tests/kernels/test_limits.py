@@ -39,7 +39,7 @@ def test_conv_sample_over_2_31_elements_takes_64_bit_offsets():
     x = torch.empty(2, 2, 2**16, 2**15 + 8, device=META)  # 4.3e9 elements per sample
     grids = _plan(nn.Conv2d(2, 4, 3, padding=1), LayerKind.CONV, x)
     flags = {name: constexprs["WIDE"] for name, _, constexprs in grids}
-    assert flags == {"batch_squares_kernel": True, "patch_sums_kernel": True}
+    assert flags == {"patch_partials_kernel": True}
     _within_limits(grids)
 
 
@@ -47,7 +47,7 @@ def test_large_volume_keeps_grid_axes_within_limits():
     """536M elements per sample: positions go on grid axis 0 (the old y axis held 131,072)."""
     x = torch.empty(1, 1, 1024, 1024, 512, device=META)
     grids = _plan(nn.Conv3d(1, 2, 3, padding=1), LayerKind.CONV, x)
-    assert {name for name, _, _ in grids} == {"batch_squares_kernel", "patch_sums_kernel"}
+    assert {name for name, _, _ in grids} == {"patch_partials_kernel"}
     assert not any(constexprs["WIDE"] for _, _, constexprs in grids)
     _within_limits(grids)
 
@@ -65,19 +65,22 @@ def test_linear_rows_over_2_31_elements_take_64_bit_offsets():
 
 
 @pytest.mark.parametrize("h_len", [1, 2, 3, 5, 37, 64])
-def test_scratch_after_an_odd_length_h_is_16_byte_aligned(h_len):
+def test_scratch_of_any_length_is_16_byte_aligned(h_len):
+    """Each layer's scratch is its own allocation (a zeroed Ĥ, or a conv's partial rows): its
+    alignment never depends on another length."""
     pool = triton_statistics.ScratchPool()
-    module = nn.Linear(2, 2)
-    h, extra = pool.acquire(module, h_len, 100, DEVICE)
-    assert h.numel() == h_len and extra.numel() == 100
-    assert h.data_ptr() % 16 == 0 and extra.data_ptr() % 16 == 0
-    assert not h.any() and not extra.any()
+    linear, conv = nn.Linear(2, 2), nn.Conv2d(1, 1, 3)
+    h = pool.acquire(linear, h_len, DEVICE)
+    rows = pool.acquire(conv, 100 + h_len, DEVICE, zeroed=False)
+    assert h.numel() == h_len and rows.numel() == 100 + h_len
+    assert h.data_ptr() % 16 == 0 and rows.data_ptr() % 16 == 0
+    assert not h.any()
 
 
 @pytest.mark.parametrize("make,shape,channels_last", [
     (lambda: nn.Conv2d(5, 3, 1), (2, 5, 6, 7), False),
     (lambda: nn.Conv2d(5, 3, 1, stride=2), (2, 5, 7, 6), True),  # one strided view
-    (lambda: nn.Conv2d(5, 3, 1, stride=2, bias=False), (2, 5, 7, 6), False),  # two stages
+    (lambda: nn.Conv2d(5, 3, 1, stride=2, bias=False), (2, 5, 7, 6), False),  # no one view
     (lambda: nn.Conv1d(4, 3, 1, stride=3), (2, 4, 11), False),
     (lambda: nn.Conv3d(2, 3, 1, stride=(1, 2, 1)), (2, 2, 3, 5, 4), False),
 ])
@@ -88,7 +91,7 @@ def test_pointwise_conv_statistic_is_the_mean_of_sampled_squares(make, shape, ch
     x = randn(*shape, seed=3)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    got = triton_statistics.conv_input_statistic(conv, x)
+    got = triton_statistics.total(triton_statistics.conv_input_statistic(conv, x))
     assert rel_err(got, conv_input_statistic(conv, x)) < 1e-6
     sampled = x[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in conv.stride)]
     mean = sampled.square().transpose(0, 1).reshape(x.shape[1], -1).mean(1)

@@ -107,19 +107,40 @@ def test_post_square_sum_writes_both_entries(channels: int) -> None:
 
 @pytest.mark.parametrize("channels", [1, 7, 1100])
 def test_post_square_with_commit_and_clear(channels: int) -> None:
-    """post 1 (norm-layer Ŝ) fused with a commit that zeroes its source and a scratch."""
+    """post 1 (norm-layer Ŝ) fused with a commit that zeroes its source."""
     g, s_prior = randn(4, channels, seed=6), randn(channels, seed=7)
     h_src, h_prior = randn(2, seed=8), randn(2, seed=9)
     h_copy = h_src.clone()
-    scratch = randn(37, seed=10)
     s_dst, h_dst = s_prior.clone(), h_prior.clone()
     count = torch.zeros(1, device=DEVICE)
     channel_reduce(g, s_dst, 1.0, square=False, post=1, post_divisor=3.0,
-                   commit=Commit(h_src, h_dst, count, clear=True, scratch=scratch))
+                   commit=Commit(h_src, h_dst, count, clear=True))
     assert rel_err(s_dst, s_prior + _reference(g, 1.0, False).square() / 3.0) < 1e-6
     assert torch.equal(h_dst, h_prior + h_copy)
     assert count.item() == 1.0
-    assert not h_src.any() and not scratch.any()
+    assert not h_src.any()
+
+
+@pytest.mark.parametrize("parts,groups,h_len,tail", [(1, 1, 5, False), (3, 2, 7, True),
+                                                     (5, 1, 130, True), (2, 4, 1, False)])
+def test_commit_sums_partial_rows_and_groups(parts, groups, h_len, tail) -> None:
+    """A conv's partial rows: ``h_dst[j] += Σ_p Σ_g src[p·stride + g·h_len + j]``, then +1 at
+    ``h_dst[h_len]`` (bias); the gaps between rows and what follows Ĥ are not touched."""
+    stride = groups * h_len + 3  # rows need not be packed
+    src = randn(parts * stride, seed=12)
+    src_copy = src.clone()
+    prior = randn(h_len + 2, seed=13)
+    h_dst = prior.clone()
+    count = torch.full((1,), 4.0, device=DEVICE)
+    channel_reduce(randn(3, 6, seed=14), randn(6, seed=15), 1.0, square=True,
+                   commit=Commit(src, h_dst, count, h_len=h_len, parts=parts,
+                                 part_stride=stride, groups=groups, tail=tail))
+    rows = src_copy.view(parts, stride)[:, : groups * h_len].reshape(parts * groups, h_len)
+    assert rel_err(h_dst[:h_len], prior[:h_len] + rows.sum(0)) < 1e-6
+    assert h_dst[h_len].item() == pytest.approx(prior[h_len].item() + float(tail), abs=1e-6)
+    assert h_dst[h_len + 1].item() == prior[h_len + 1].item()
+    assert torch.equal(src, src_copy)  # partial rows are not cleared
+    assert count.item() == 5.0
 
 
 def test_geometry_splits_only_when_allowed() -> None:
@@ -130,3 +151,25 @@ def test_geometry_splits_only_when_allowed() -> None:
     assert split.grid[1] * split.grid[2] > 1
     assert whole.grid[1:] == (1, 1)
     assert whole.a_per == 256 and whole.l_per >= 3136
+
+
+def test_commit_slices_over_gpu_sized_grids(monkeypatch) -> None:
+    """With GPU geometry (planned here, run by the interpreter) the commit's slices of 64
+    floats go to many programs: each element is still summed once."""
+    from adafisher.kernels import reductions  # noqa: PLC0415
+
+    monkeypatch.setattr(reductions, "gpu_like", lambda device: True)
+    monkeypatch.setattr(reductions, "target_programs", lambda device: 16)
+    parts, h_len = 3, 300
+    src = randn(parts * h_len, seed=16)
+    h_dst = torch.zeros(h_len + 1, device=DEVICE)
+    count = torch.zeros(1, device=DEVICE)
+    g = randn(4, 8, 33, seed=17)
+    s_dst = torch.zeros(8, device=DEVICE)
+    geo = reductions.reduce_geometry(4, 8, 33, 33, 1, True, 16, False)
+    assert geo.grid[0] * geo.grid[1] * geo.grid[2] > 1  # the slices spread over programs
+    channel_reduce(g, s_dst, 1.0, square=True, commit=Commit(
+        src, h_dst, count, h_len=h_len, parts=parts, part_stride=h_len, tail=True))
+    assert rel_err(h_dst[:h_len], src.view(parts, h_len).sum(0)) < 1e-6
+    assert h_dst[h_len].item() == 1.0 and count.item() == 1.0
+    assert rel_err(s_dst, _reference(g, 1.0, True)) < 1e-6

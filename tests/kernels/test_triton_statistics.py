@@ -63,8 +63,9 @@ def test_statistics_match_torch_backend(name, make, x_shape, g_shape, dtype) -> 
 
     h = layer_statistics.input_statistic(kind, module, x)
     expected_h = statistics.input_statistic(kind, module, x)
-    assert h.dtype == torch.float32 and h.shape == expected_h.shape
-    assert rel_err(h, expected_h) < 1e-6
+    h_total = layer_statistics.total(h)
+    assert h_total.dtype == torch.float32 and h_total.shape == expected_h.shape
+    assert rel_err(h_total, expected_h) < 1e-6
 
     # commit into the middle layer of three: neighbours must stay untouched
     others = [nn.Linear(3, 2).to(DEVICE), module, nn.LayerNorm(4).to(DEVICE)]
@@ -95,3 +96,62 @@ def test_accumulation_is_a_running_sum() -> None:
                                statistics.output_statistic(kind, module, g, 4)])
     assert rel_err(buffers.pending, expected) < 1e-6
     assert buffers.pending_count.item() == 2.0
+
+
+PLANNED = [
+    ("conv_patch", lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1), (2, 3, 7, 6), (2, 4, 4, 3)),
+    ("conv_1x1", lambda: nn.Conv2d(3, 4, 1), (2, 3, 5, 4), (2, 4, 5, 4)),
+    ("linear", lambda: nn.Linear(6, 5), (2, 3, 6), (2, 3, 5)),
+    ("batchnorm", lambda: nn.BatchNorm2d(3), (4, 3, 2, 5), (4, 3, 2, 5)),
+    ("layernorm", lambda: nn.LayerNorm(6), (2, 3, 6), (2, 3, 6)),
+]
+
+
+@pytest.mark.parametrize("name,make,x_shape,g_shape", PLANNED, ids=[c[0] for c in PLANNED])
+def test_planned_launches_follow_shape_and_layout_changes(name, make, x_shape, g_shape,
+                                                          monkeypatch) -> None:
+    """With a pool, a layer's launches are planned at its first pass per input shape and
+    layout and looked up after: passes alternating batch sizes and layouts (NCHW,
+    channels_last) still match the torch backend, and repeated shapes plan nothing."""
+    module = make().to(DEVICE)
+    kind = layer_kind(module)
+    pool = layer_statistics.ScratchPool()
+    ours, slots = _buffers([module])
+    ref, _ = _buffers([module])
+    planned = []
+    for name_ in ("plan_reduce", "plan_partials"):
+        original = getattr(layer_statistics, name_)
+
+        def counting(*args, _original=original, _name=name_, **kwargs):
+            planned.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(layer_statistics, name_, counting)
+    variants = [(3, False), (3, True), (5, False), (3, False), (3, True)]
+    counts = []
+    for seed, (batch, channels_last) in enumerate(variants):
+        x = randn(batch, *x_shape[1:], seed=20 + seed)
+        g = randn(batch, *g_shape[1:], seed=40 + seed)
+        x, g = _with_layout(x, channels_last), _with_layout(g, channels_last)
+        before = len(planned)
+        h = layer_statistics.input_statistic(kind, module, x, pool)
+        layer_statistics.commit_pass(ours, slots[0], module, h, g, batch, pool)
+        counts.append(len(planned) - before)
+        TorchBackend().commit_pass(ref, slots[0], module, statistics.input_statistic(
+            kind, module, x), g, batch)
+        assert rel_err(ours.pending, ref.pending) < 1e-6, (batch, channels_last)
+    assert counts[0] >= 1 and counts[-2:] == [0, 0]  # seen before: looked up, not planned
+    assert torch.equal(ours.pending_count, ref.pending_count)
+
+
+def test_settle_sums_partial_rows_and_frees_the_scratch() -> None:
+    """A commit outside the kernels (torch fallback) gets Ĥ itself, and the conv's pooled
+    partial rows are free for its next forward (the same storage, not a new allocation)."""
+    conv = nn.Conv2d(2, 4, 3, padding=1, groups=2).to(DEVICE)
+    pool = layer_statistics.ScratchPool()
+    x = randn(3, 2, 5, 4, seed=30)
+    first = layer_statistics.input_statistic(layer_kind(conv), conv, x, pool)
+    h = layer_statistics.settle(first, conv, pool)
+    assert rel_err(h, statistics.input_statistic(layer_kind(conv), conv, x)) < 1e-6
+    second = layer_statistics.input_statistic(layer_kind(conv), conv, x, pool)
+    assert second.parts is first.parts
