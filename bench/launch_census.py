@@ -301,13 +301,9 @@ def meta_planning() -> Iterator[None]:
     by the census and never reach a device. Restored on exit."""
     from adafisher import hooks  # noqa: PLC0415
     from adafisher.backends import triton_backend  # noqa: PLC0415
-    from adafisher.optimizer import AdaFisher  # noqa: PLC0415
-
     patches = [
         (triton_backend, "_runs_on", lambda device, interpreted: True),
         (hooks, "_autocast_enabled", lambda device_type: False),  # meta has no autocast
-        # the unfed-layer check reads the pass counts back: meta tensors hold no data
-        (AdaFisher, "_warn_unfed_layers", lambda self, buffers: None),
     ]
     saved = [(owner, name, owner.__dict__[name]) for owner, name, _ in patches]
     try:
