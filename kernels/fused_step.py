@@ -37,7 +37,7 @@ GPU_CHUNK = 8 * GPU_BLOCK
 CPU_BLOCK = 1 << 16
 # Parameters per launch: the kernel takes their tensors as arguments (traceable, no address
 # table), one slot each.
-SLOTS = 8
+SLOTS = 16
 # per slot: numel, cols (+ its division magic, shift), inner (+ magic, shift), s_offset,
 # h_offset, layer, index of its step size in ``coefficients``
 FIELDS = 11
@@ -114,8 +114,9 @@ def _update_tile(
 
 
 @triton.jit
-def _pick(slot, a0, a1, a2, a3, a4, a5, a6, a7):
-    """Argument number ``slot`` of eight: one kernel body serves every slot (and a pointer
+def _pick(slot, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14,
+          a15):
+    """Argument number ``slot`` of sixteen: one kernel body serves every slot (and a pointer
     chosen among aligned arguments stays known-aligned to the compiler)."""
     out = tl.where(slot == 1, a1, a0)
     out = tl.where(slot == 2, a2, out)
@@ -124,13 +125,22 @@ def _pick(slot, a0, a1, a2, a3, a4, a5, a6, a7):
     out = tl.where(slot == 5, a5, out)
     out = tl.where(slot == 6, a6, out)
     out = tl.where(slot == 7, a7, out)
+    out = tl.where(slot == 8, a8, out)
+    out = tl.where(slot == 9, a9, out)
+    out = tl.where(slot == 10, a10, out)
+    out = tl.where(slot == 11, a11, out)
+    out = tl.where(slot == 12, a12, out)
+    out = tl.where(slot == 13, a13, out)
+    out = tl.where(slot == 14, a14, out)
+    out = tl.where(slot == 15, a15, out)
     return out
 
 
 @triton.jit
 def _step_kernel(
-    p0, p1, p2, p3, p4, p5, p6, p7, g0, g1, g2, g3, g4, g5, g6, g7,
-    m0, m1, m2, m3, m4, m5, m6, m7,
+    p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15,
+    g0, g1, g2, g3, g4, g5, g6, g7, g8, g9, g10, g11, g12, g13, g14, g15,
+    m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15,
     layout, coefficients, factors, blended,
     grad_sign, beta, one_minus_beta, weight_decay, damping,
     WD_MODE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, FIELDS: tl.constexpr,
@@ -139,9 +149,12 @@ def _step_kernel(
     slot = tl.load(layout + 2 * pid)
     start = tl.load(layout + 2 * pid + 1) * CHUNK  # a multiple of CHUNK: alignment is kept
     row = layout + 2 * tl.num_programs(0) + slot * FIELDS
-    p_ptr = _pick(slot, p0, p1, p2, p3, p4, p5, p6, p7) + start
-    g_ptr = _pick(slot, g0, g1, g2, g3, g4, g5, g6, g7) + start
-    m_ptr = _pick(slot, m0, m1, m2, m3, m4, m5, m6, m7) + start
+    p_ptr = _pick(slot, p0, p1, p2, p3, p4, p5, p6, p7,
+                  p8, p9, p10, p11, p12, p13, p14, p15) + start
+    g_ptr = _pick(slot, g0, g1, g2, g3, g4, g5, g6, g7,
+                  g8, g9, g10, g11, g12, g13, g14, g15) + start
+    m_ptr = _pick(slot, m0, m1, m2, m3, m4, m5, m6, m7,
+                  m8, m9, m10, m11, m12, m13, m14, m15) + start
     numel = tl.load(row)
     cols = tl.load(row + 1).to(tl.int32)
     cols_magic = tl.load(row + 2)
