@@ -12,7 +12,8 @@ no kernel. A torch without ``triton_op`` gets plain custom ops (opaque to compil
 Inside each op, what the kernels do not cover goes through the torch references of ``ops.py``,
 per parameter and without host-device synchronization: float64 parameters or factors, gradients
 or momenta laid out differently from their parameter, tracked weights neither row-major nor
-channels_last, tensors on a device the kernels do not run on (CPU unless interpreted).
+channels_last, tensors on a device the kernels do not run on (CPU unless interpreted), and
+traced calls under the interpreter.
 ``fused_refusal`` says which and why (the triton backend lists such parameters).
 
 Importing this module imports Triton.
@@ -34,6 +35,13 @@ def kernels_run_on(device: torch.device) -> bool:
     """Whether the kernels take tensors on ``device``: CUDA, or CPU under the interpreter
     (meta: shapes-only runs, planned as for a GPU)."""
     return device.type == "meta" or device.type == ("cpu" if INTERPRETED else "cuda")
+
+
+def _traced_under_interpreter(t: torch.Tensor) -> bool:
+    """An interpreted kernel cannot be traced (``wrap_triton`` hands it back as it is): a
+    traced call (fake tensors, ``torch.compile``) under the interpreter takes the torch
+    reference instead, which traces."""
+    return INTERPRETED and not _eager(t)
 
 
 def _launcher(kernel):
@@ -87,6 +95,8 @@ def fused_refusal(
         return f"dtype {param.dtype} / gradient {grad.dtype}"
     if not kernels_run_on(param.device):
         return f"device {param.device}"
+    if _traced_under_interpreter(param):
+        return "traced under the Triton interpreter"
     if grad.device != param.device or exp_avg.device != param.device:
         return "gradient or momentum on another device"
     if grad.shape != param.shape or exp_avg.shape != param.shape:
@@ -271,7 +281,8 @@ def triton_update_factors(
     device = factors.device
     kinds = ((factors, torch.float32), (pending, torch.float32),
              (pending_count, torch.float32), (blended, torch.bool), (nonfinite, torch.int64))
-    if not kernels_run_on(device) or any(t.dtype != d or t.device != device for t, d in kinds):
+    if (not kernels_run_on(device) or _traced_under_interpreter(factors)
+            or any(t.dtype != d or t.device != device for t, d in kinds)):
         ops.update_factors_reference(factors, pending, pending_count, blended, nonfinite,
                                      segment_offsets, gamma_keep, gamma_new, eps)
         return
