@@ -126,6 +126,29 @@ def test_fused_step_more_parameters_than_slots():
     _check_step(*_step_both(names, wd=0.02))
 
 
+def test_fused_step_writes_nothing_around_the_parameters():
+    """Parameters and momenta inside NaN-poisoned buffers: the ragged ends stay masked."""
+    names = ["free_1d", "fc.weight", "wide.weight"]
+    factors, blended = _factors()
+    params, grads, momenta, steps = _problem(names, torch.float32, "contiguous", seed=50)
+    ref = _problem(names, torch.float32, "contiguous", seed=50)
+    pad = 37
+    bases = []
+    for tensors in (params, momenta):
+        for k, t in enumerate(tensors):
+            base = torch.full((t.numel() + 2 * pad,), float("nan"), device=DEVICE)
+            base[pad:pad + t.numel()] = t.reshape(-1)
+            tensors[k] = base[pad:pad + t.numel()].view(t.shape)
+            bases.append(base)
+    lr = torch.tensor(3e-3, dtype=torch.float64, device=DEVICE)
+    args = (*_meta(names), lr, 0.9, 1e-3, 0.02, True, False)
+    torch.ops.adafisher.triton_fused_step(params, grads, momenta, steps, factors, blended, *args)
+    ops.fused_step_reference(*ref, factors, blended, *args)
+    _check_step((params, grads, momenta, steps), ref)
+    for base in bases:
+        assert base[:pad].isnan().all() and base[-pad:].isnan().all()
+
+
 def test_fused_step_refusals_are_named():
     p = randn(4, 4)
     assert triton_ops.fused_refusal(p, p.double(), p, False, p) == (
