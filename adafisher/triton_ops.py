@@ -62,23 +62,28 @@ def _eager(t: torch.Tensor) -> bool:
     return not isinstance(t, (FakeTensor, FunctionalTensor))
 
 
-# (device, layout values) → device tensor; eager calls only (a traced call makes a constant)
-_LAYOUTS: dict[tuple, torch.Tensor] = {}
+# (device, layout inputs) → (device tensor, programs); eager calls only (a traced call makes a
+# constant). Keyed by the per-slot inputs, not the values: the chunk list grows with the
+# parameters' sizes, and a steady-state step should not build it again.
+_LAYOUTS: dict[tuple, tuple[torch.Tensor, int]] = {}
 
 
-def _layout(values: list[int], device: torch.device, eager: bool) -> torch.Tensor:
+def _layout(inputs: tuple, device: torch.device, eager: bool) -> tuple[torch.Tensor, int]:
+    """The ``layout`` tensor of ``fused_step.layout_values(*inputs)`` and its program count."""
     if not eager:  # traced: a constant of the graph
+        values, programs = fused_step.layout_values(*inputs)
         table = torch.tensor(values, dtype=torch.int64, device=device)
         if _eager(table):  # meta constants are not lifted into a functional trace
             table = torch.empty(len(values), dtype=torch.int64, device=device).copy_(table)
-        return table
-    key = (device, tuple(values))
-    table = _LAYOUTS.get(key)
-    if table is None:
-        table = _LAYOUTS[key] = device_table(values, device)  # non-blocking on CUDA
+        return table, programs
+    key = (device, inputs)
+    entry = _LAYOUTS.get(key)
+    if entry is None:
+        values, programs = fused_step.layout_values(*inputs)
+        entry = _LAYOUTS[key] = (device_table(values, device), programs)  # non-blocking
         if len(_LAYOUTS) > 256:  # parameter sets come and go (tests, add_param_group)
             _LAYOUTS.pop(next(iter(_LAYOUTS)))
-    return table
+    return entry
 
 
 # ------------------------------------------------------------------------------ fused step
@@ -239,13 +244,14 @@ def _launch_group(members, params, grads, exp_avgs, steps, factors, blended, lay
     slots = fused_step.SLOTS
     for first in range(0, len(members), slots):
         batch = members[first:first + slots]
-        values, programs = fused_step.layout_values(
-            [params[i].numel() for i, _, _ in batch], [c for _, c, _ in batch],
-            [inner for _, _, inner in batch],
-            [s_offsets[i] if layers[i] >= 0 else 0 for i, _, _ in batch],
-            [h_offsets[i] if layers[i] >= 0 else 0 for i, _, _ in batch],
-            [layers[i] for i, _, _ in batch], list(range(1 + first, 1 + first + len(batch))),
-            chunk)
+        inputs = (
+            tuple(params[i].numel() for i, _, _ in batch), tuple(c for _, c, _ in batch),
+            tuple(inner for _, _, inner in batch),
+            tuple(s_offsets[i] if layers[i] >= 0 else 0 for i, _, _ in batch),
+            tuple(h_offsets[i] if layers[i] >= 0 else 0 for i, _, _ in batch),
+            tuple(layers[i] for i, _, _ in batch),
+            tuple(range(1 + first, 1 + first + len(batch))), chunk)
+        layout, programs = _layout(inputs, device, eager)
         # Unused slots get stand-ins that are never read or written (distinct from every real
         # tensor: a functionalized launch writes each mutated argument back).
         pad = slots - len(batch)
@@ -254,7 +260,7 @@ def _launch_group(members, params, grads, exp_avgs, steps, factors, blended, lay
         kernel[(programs,)](
             *[params[i] for i, _, _ in batch], *p_pad, *[grads[i] for i, _, _ in batch],
             *g_pad, *[exp_avgs[i] for i, _, _ in batch], *p_pad,
-            _layout(values, device, eager), coefficients, factors, blended,
+            layout, coefficients, factors, blended,
             -1.0 if maximize else 1.0, beta, 1 - beta, weight_decay, damping,
             WD_MODE=wd_mode, CHUNK=chunk, BLOCK=block, FIELDS=fused_step.FIELDS, num_warps=4,
         )

@@ -25,6 +25,7 @@ the parameter's dtype. Hyperparameters are runtime arguments: changing them comp
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -210,13 +211,13 @@ def tile_sizes(largest: int, gpu: bool) -> tuple[int, int]:
 
 
 def layout_values(
-    numels: list[int],
-    cols: list[int],
-    inners: list[int],
-    s_offsets: list[int],
-    h_offsets: list[int],
-    layers: list[int],
-    coefficient_index: list[int],
+    numels: Sequence[int],
+    cols: Sequence[int],
+    inners: Sequence[int],
+    s_offsets: Sequence[int],
+    h_offsets: Sequence[int],
+    layers: Sequence[int],
+    coefficient_index: Sequence[int],
     chunk: int,
 ) -> tuple[list[int], int]:
     """The int64 ``layout`` of one launch of at most ``SLOTS`` parameters, and its number of
