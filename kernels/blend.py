@@ -1,6 +1,8 @@
-"""Normalize and blend every layer's pending statistics in one launch (docs/algorithm.md §3).
+"""Normalize and blend every layer's pending statistics in one launch (docs/algorithm.md §3);
+launched by the ``adafisher::triton_update_factors`` op (``adafisher/triton_ops.py``).
 
-One program per layer, over its H and S segments of the flat buffers: fresh = pending / passes;
+One program per layer, over its H and S segments of the flat buffers (segment ``k`` is
+``[segment_offsets[k], segment_offsets[k + 1])``, the op schema's layout): fresh = pending / passes;
 a segment holding NaN/±Inf is discarded and counted; otherwise min-max normalize
 (``(v − min) / (max − min + eps)``) and blend ``factor ← factor·(1 − γ₁) + γ₂·v'``. Then the
 pending sums and pass counts are cleared. Same semantics as ``torch_backend.update_factors``.
@@ -8,11 +10,10 @@ pending sums and pass counts are cleared. Same semantics as ``torch_backend.upda
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from ._launch import gpu_like, pow2
+from ._launch import pow2
 
 # Globals read inside a compiled kernel must be constexpr.
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
@@ -56,41 +57,22 @@ def _segment(
 
 @triton.jit
 def _blend_kernel(
-    factors, pending, count_ptr, blended, nonfinite, table, keep, new, eps,
+    factors, pending, count_ptr, blended, nonfinite, segment_offsets, keep, new, eps,
     BLOCK: tl.constexpr,
 ):
     layer = tl.program_id(0)
     count = tl.load(count_ptr + layer)
     for side in tl.static_range(2):  # segment 2·layer is H, 2·layer + 1 is S
         seg = 2 * layer + side
-        off = tl.load(table + 2 * seg)
-        n = tl.load(table + 2 * seg + 1).to(tl.int32)
+        off = tl.load(segment_offsets + seg)
+        n = (tl.load(segment_offsets + seg + 1) - off).to(tl.int32)
         _segment(factors, pending, blended, nonfinite, seg, off, n, count, keep, new, eps,
                  BLOCK)
     # Both segments have read the count: only now clear it.
     tl.store(count_ptr + layer, 0.0)
 
 
-def update_factors(
-    factors: torch.Tensor,
-    pending: torch.Tensor,
-    pending_count: torch.Tensor,
-    blended: torch.Tensor,
-    nonfinite: torch.Tensor,
-    table: torch.Tensor,
-    longest: int,
-    gammas: tuple[float, float],
-    eps: float,
-    block: int | None = None,
-) -> None:
-    """docs/algorithm.md §3 for every layer of the flat buffers, one launch. ``table`` holds
-    ``(offset, length)`` of segment 2·i (layer i's H) and 2·i + 1 (its S), int64 on the device;
-    ``longest`` is the longest segment. ``block`` overrides the tile size (tests)."""
-    n_layers = pending_count.numel()
-    if n_layers:
-        on_gpu = gpu_like(factors.device)
-        block = block or pow2(longest, low=16, high=1024 if on_gpu else 1 << 16)
-        _blend_kernel[(n_layers,)](
-            factors, pending, pending_count, blended, nonfinite, table,
-            1.0 - gammas[0], gammas[1], eps, BLOCK=block,
-        )
+def tile_size(longest: int, gpu: bool) -> int:
+    """``BLOCK`` for segments of at most ``longest`` entries (any bound will do: a longer
+    segment is walked in tiles)."""
+    return pow2(longest, low=16, high=1024 if gpu else 1 << 16)

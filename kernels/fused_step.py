@@ -1,17 +1,20 @@
-"""The AdaFisher / AdaFisherW update for many parameters in one launch (docs/algorithm.md §5, §6).
+"""The AdaFisher / AdaFisherW update for up to ``SLOTS`` parameters per launch
+(docs/algorithm.md §5, §6); launched by the ``adafisher::triton_fused_step`` op
+(``adafisher/triton_ops.py``), which groups parameters by device and dtype.
 
-One launch per (device, parameter dtype, gradient dtype) group. Each program takes one chunk
-of one parameter, found through two int64 device tables:
+The parameters', gradients' and momenta's tensors are kernel arguments (one slot each), so
+``torch.compile`` can trace the launch (``torch.library.wrap_triton``): no raw addresses in a
+device table. Each program takes one chunk of one slot, found in the int64 ``layout`` tensor:
+``(slot, chunk number)`` per program, then ``FIELDS`` integers per slot (sizes, F's row length
+with its division magic, factor offsets, layer, where its step size is). ``layout`` depends on
+shapes and offsets only: it is built once per parameter set. The per-step values (the step
+sizes ``lr/(1−βᵗ)`` and the decoupled decay ``1 − lr·wd``) arrive in the float64
+``coefficients`` tensor, computed on the device from the step counts and lr.
 
-- a *chunk table* ``(parameter slot, first element)`` per chunk, cached per list of sizes;
-- a *parameter table*, ``_FIELDS`` int64 per parameter: the raw addresses of p, g and m (cast to
-  typed pointers in the kernel), sizes, the layer's factor offsets and layer index, and the
-  per-parameter ``−lr/(1−βᵗ)`` as float64 bits (t may differ between parameters). It is rebuilt
-  on the host each step and uploaded only when it changed, with a non-blocking copy.
-
-Whole tiles run unmasked and, when every address is 16-byte aligned (the usual case), with
-16-byte vector loads and stores; the ragged end of a parameter runs masked. F's row and column
-come from a multiply-shift division by the row length, computed per parameter on the host.
+Whole tiles run unmasked, with 16-byte vector loads and stores when every slot's addresses are
+16-byte aligned (Triton specializes pointer arguments on that; chunk starts are multiples of
+CHUNK); the ragged end of a parameter runs masked. F's row and column come from a
+multiply-shift division by the row length.
 
 F = S[row]·H[col] + λ is formed in registers; whether the layer has factors yet is read from
 ``blended`` on the device, so the host never waits. Math is fp32 for fp16/bf16/fp32 params, in
@@ -22,24 +25,23 @@ the parameter's dtype. Hyperparameters are runtime arguments: changing them comp
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import NamedTuple
+from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
-
-from ._launch import gpu_like
-from ._tables import device_table, float_bits
 
 # Tile and chunk sizes on a GPU (elements): untuned guesses, no GPU was available when written.
 GPU_BLOCK = 1024
 GPU_CHUNK = 8 * GPU_BLOCK
 # Under the interpreter a program is Python: one tile per parameter, as small as fits.
 CPU_BLOCK = 1 << 16
-# p, g, m, numel, cols (+ its division magic, shift), inner (+ magic, shift), s_offset,
-# h_offset, layer, −step size (float64 bits)
-_FIELDS = 14
+# Parameters per launch: the kernel takes their tensors as arguments (traceable, no address
+# table), one slot each.
+SLOTS = 16
+# per slot: numel, cols (+ its division magic, shift), inner (+ magic, shift), s_offset,
+# h_offset, layer, index of its step size in ``coefficients``
+FIELDS = 11
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -113,34 +115,60 @@ def _update_tile(
 
 
 @triton.jit
+def _pick(slot, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14,
+          a15):
+    """Argument number ``slot`` of sixteen: one kernel body serves every slot (and a pointer
+    chosen among aligned arguments stays known-aligned to the compiler)."""
+    out = tl.where(slot == 1, a1, a0)
+    out = tl.where(slot == 2, a2, out)
+    out = tl.where(slot == 3, a3, out)
+    out = tl.where(slot == 4, a4, out)
+    out = tl.where(slot == 5, a5, out)
+    out = tl.where(slot == 6, a6, out)
+    out = tl.where(slot == 7, a7, out)
+    out = tl.where(slot == 8, a8, out)
+    out = tl.where(slot == 9, a9, out)
+    out = tl.where(slot == 10, a10, out)
+    out = tl.where(slot == 11, a11, out)
+    out = tl.where(slot == 12, a12, out)
+    out = tl.where(slot == 13, a13, out)
+    out = tl.where(slot == 14, a14, out)
+    out = tl.where(slot == 15, a15, out)
+    return out
+
+
+@triton.jit
 def _step_kernel(
-    meta, chunks, factors, blended, p_type, g_type,
-    grad_sign, beta, one_minus_beta, weight_decay, decay, damping,
+    p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15,
+    g0, g1, g2, g3, g4, g5, g6, g7, g8, g9, g10, g11, g12, g13, g14, g15,
+    m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15,
+    layout, coefficients, factors, blended,
+    grad_sign, beta, one_minus_beta, weight_decay, damping,
     WD_MODE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, FIELDS: tl.constexpr,
-    ALIGNED: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    slot = tl.load(chunks + 2 * pid)
-    start = tl.load(chunks + 2 * pid + 1)
-    row = meta + slot * FIELDS
-    p_ptr = tl.load(row).to(p_type.dtype, bitcast=True) + start
-    g_ptr = tl.load(row + 1).to(g_type.dtype, bitcast=True) + start
-    m_ptr = tl.load(row + 2).to(p_type.dtype, bitcast=True) + start
-    if ALIGNED:  # every address 16-byte aligned, chunk starts too: vector loads and stores
-        p_ptr = tl.multiple_of(p_ptr, 16)
-        g_ptr = tl.multiple_of(g_ptr, 16)
-        m_ptr = tl.multiple_of(m_ptr, 16)
-    numel = tl.load(row + 3)
-    cols = tl.load(row + 4).to(tl.int32)
-    cols_magic = tl.load(row + 5)
-    cols_shift = tl.load(row + 6)
-    inner = tl.load(row + 7).to(tl.int32)
-    inner_magic = tl.load(row + 8)
-    inner_shift = tl.load(row + 9)
-    s_off = tl.load(row + 10)
-    h_off = tl.load(row + 11)
-    layer = tl.load(row + 12)
-    neg_step = tl.load(row + 13).to(tl.float64, bitcast=True).to(tl.float32)
+    slot = tl.load(layout + 2 * pid)
+    start = tl.load(layout + 2 * pid + 1) * CHUNK  # a multiple of CHUNK: alignment is kept
+    row = layout + 2 * tl.num_programs(0) + slot * FIELDS
+    p_ptr = _pick(slot, p0, p1, p2, p3, p4, p5, p6, p7,
+                  p8, p9, p10, p11, p12, p13, p14, p15) + start
+    g_ptr = _pick(slot, g0, g1, g2, g3, g4, g5, g6, g7,
+                  g8, g9, g10, g11, g12, g13, g14, g15) + start
+    m_ptr = _pick(slot, m0, m1, m2, m3, m4, m5, m6, m7,
+                  m8, m9, m10, m11, m12, m13, m14, m15) + start
+    numel = tl.load(row)
+    cols = tl.load(row + 1).to(tl.int32)
+    cols_magic = tl.load(row + 2)
+    cols_shift = tl.load(row + 3)
+    inner = tl.load(row + 4).to(tl.int32)
+    inner_magic = tl.load(row + 5)
+    inner_shift = tl.load(row + 6)
+    s_off = tl.load(row + 7)
+    h_off = tl.load(row + 8)
+    layer = tl.load(row + 9)
+    # coefficients: [1 − lr·wd, lr/(1−βᵗ) per parameter…] in float64, computed on the device
+    neg_step = -tl.load(coefficients + tl.load(row + 10)).to(tl.float32)
+    decay = tl.load(coefficients).to(tl.float32)
     # F is used iff the parameter has a layer and both its factors were blended at least once.
     safe = tl.maximum(layer, 0)
     use_f = (layer >= 0) & tl.load(blended + 2 * safe) & tl.load(blended + 2 * safe + 1)
@@ -172,137 +200,41 @@ def division_magic(d: int) -> tuple[int, int]:
     return -(-(1 << shift) // d), shift
 
 
-class FactorPlace(NamedTuple):
-    """Where a parameter's F comes from: ``F[r, c] = S[s_offset + r]·H[h_offset + c] + λ`` for
-    the parameter viewed as ``(rows, cols)``, usable once layer ``layer`` is blended."""
-
-    layer: int
-    cols: int
-    h_offset: int
-    s_offset: int
 
 
-@dataclass
-class StepItem:
-    """One parameter's share of a fused step. ``inner`` maps memory order to F's column:
-    ``cols`` for row-major weights, ``C_in`` for channels_last conv weights."""
-
-    param: torch.Tensor
-    grad: torch.Tensor
-    exp_avg: torch.Tensor
-    step: int
-    index: FactorPlace | None
-    inner: int
+def tile_sizes(largest: int, gpu: bool) -> tuple[int, int]:
+    """``(BLOCK, CHUNK)`` for a launch whose largest parameter has ``largest`` elements."""
+    if gpu:
+        return GPU_BLOCK, GPU_CHUNK
+    block = min(CPU_BLOCK, triton.next_power_of_2(max(16, largest)))
+    return block, block
 
 
-class StepTables:
-    """Device tables and small constant tensors reused across steps (per device and group)."""
-
-    def __init__(self) -> None:
-        self._chunks: dict[tuple, torch.Tensor] = {}
-        self._meta: dict[tuple, tuple[list[int], torch.Tensor]] = {}
-        self._constants: dict[tuple, torch.Tensor] = {}
-
-    def chunks(self, sizes: tuple[int, ...], chunk: int, device: torch.device) -> torch.Tensor:
-        key = (device, sizes, chunk)
-        table = self._chunks.get(key)
-        if table is None:
-            values = [
-                v for slot, n in enumerate(sizes) for first in range(0, n, chunk)
-                for v in (slot, first)
-            ]
-            table = self._chunks[key] = device_table(values, device)
-            if len(self._chunks) > 64:  # parameter sets come and go (tests, add_param_group)
-                self._chunks.pop(next(iter(self._chunks)))
-        return table
-
-    def meta(self, key: tuple, values: list[int], device: torch.device) -> torch.Tensor:
-        cached = self._meta.get(key)
-        if cached is not None and cached[0] == values:
-            return cached[1]
-        table = device_table(values, device)
-        self._meta[key] = (values, table)
-        if len(self._meta) > 64:
-            self._meta.pop(next(iter(self._meta)))
-        return table
-
-    @staticmethod
-    @functools.lru_cache(maxsize=4096)
-    def magic(d: int) -> tuple[int, int]:
-        return division_magic(d)
-
-    def constant(self, kind: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A one-element tensor typing a pointer (``witness``) or a stand-in ``blended``."""
-        key = (kind, dtype, device)
-        value = self._constants.get(key)
-        if value is None:
-            value = self._constants[key] = torch.zeros(2, dtype=dtype, device=device)
-        return value
+def layout_values(
+    numels: Sequence[int],
+    cols: Sequence[int],
+    inners: Sequence[int],
+    s_offsets: Sequence[int],
+    h_offsets: Sequence[int],
+    layers: Sequence[int],
+    coefficient_index: Sequence[int],
+    chunk: int,
+) -> tuple[list[int], int]:
+    """The int64 ``layout`` of one launch of at most ``SLOTS`` parameters, and its number of
+    programs: ``(slot, chunk number)`` per program, then ``FIELDS`` integers per slot.
+    Untracked parameters have ``layers[i] < 0`` (their ``cols``/``inners`` are 1)."""
+    if len(numels) > SLOTS:
+        raise ValueError(f"one launch takes at most {SLOTS} parameters, got {len(numels)}")
+    if chunk % 8 or max(cols, default=1) + chunk >= 2**31:
+        raise ValueError("chunk must be a multiple of 8, and cols + chunk < 2**31")
+    chunks = [v for slot, n in enumerate(numels) for k in range(-(-n // chunk)) for v in (slot, k)]
+    rows = []
+    for i, n in enumerate(numels):
+        rows += [n, cols[i], *_magic(cols[i]), inners[i], *_magic(inners[i]), s_offsets[i],
+                 h_offsets[i], layers[i], coefficient_index[i]]
+    return chunks + rows, len(chunks) // 2
 
 
-def fused_step(
-    items: list[StepItem],
-    factors: torch.Tensor | None,
-    blended: torch.Tensor | None,
-    *,
-    lr: float,
-    beta: float,
-    weight_decay: float,
-    damping: float,
-    decoupled: bool,
-    tables: StepTables,
-    block: int | None = None,
-    chunk: int | None = None,
-    maximize: bool = False,
-) -> None:
-    """docs/algorithm.md §6 for ``items`` (same device, parameter and gradient dtype), one launch.
-
-    ``factors``/``blended`` are the flat buffers of the device's layers (None when no item
-    has a layer). ``block``/``chunk`` override the tile and chunk sizes (tests, tuning);
-    ``maximize`` steps along +gradient."""
-    if not items:
-        return
-    device = items[0].param.device
-    p_dtype, g_dtype = items[0].param.dtype, items[0].grad.dtype
-    values: list[int] = []
-    for item in items:
-        index = item.index
-        neg_step = float_bits(-(lr / (1 - beta**item.step)))
-        if index is None:
-            cols, inner, place = 1, 1, (0, 0, -1)
-        else:
-            cols, inner = index.cols, item.inner
-            place = (index.s_offset, index.h_offset, index.layer)
-        values += [
-            item.param.data_ptr(), item.grad.data_ptr(), item.exp_avg.data_ptr(),
-            item.param.numel(), cols, *tables.magic(cols), inner, *tables.magic(inner),
-            *place, neg_step,
-        ]
-    on_gpu = gpu_like(device)  # meta: shapes-only runs plan for a GPU
-    if not on_gpu:
-        cpu_block = triton.next_power_of_2(max(16, max(item.param.numel() for item in items)))
-        block = block or min(CPU_BLOCK, cpu_block)
-        chunk = chunk or block
-    block = block or GPU_BLOCK
-    chunk = chunk or GPU_CHUNK
-    widest = max((item.index.cols for item in items if item.index is not None), default=1)
-    if chunk % block or chunk % 8 or widest + chunk >= 2**31:
-        raise ValueError("chunk must be a multiple of block and of 8, and cols + chunk < 2**31")
-    sizes = tuple(item.param.numel() for item in items)
-    chunk_table = tables.chunks(sizes, chunk, device)
-    n_chunks = chunk_table.numel() // 2
-    if n_chunks == 0:
-        return
-    meta = tables.meta((device, p_dtype, g_dtype, sizes), values, device)
-    if factors is None:
-        factors = tables.constant("factors", torch.float32, device)
-        blended = tables.constant("blended", torch.bool, device)
-    wd_mode = 0 if weight_decay == 0 else (2 if decoupled else 1)
-    aligned = all(a % 16 == 0 for v in range(0, len(values), _FIELDS) for a in values[v : v + 3])
-    _step_kernel[(n_chunks,)](
-        meta, chunk_table, factors, blended,
-        tables.constant("witness", p_dtype, device), tables.constant("witness", g_dtype, device),
-        -1.0 if maximize else 1.0, beta, 1 - beta, weight_decay, 1 - lr * weight_decay, damping,
-        WD_MODE=wd_mode, CHUNK=chunk, BLOCK=block, FIELDS=_FIELDS, ALIGNED=aligned,
-        num_warps=4,
-    )
+@functools.lru_cache(maxsize=4096)
+def _magic(d: int) -> tuple[int, int]:
+    return division_magic(d)

@@ -1,5 +1,9 @@
 """The Triton backend: fused statistics, factor update and step (kernels in ``adafisher.kernels``).
 
+The factor update and the step go through the ``adafisher::triton_update_factors`` and
+``adafisher::triton_fused_step`` ops (``adafisher/triton_ops.py``, the schemas of
+``adafisher/ops.py``), which ``torch.compile`` traces into.
+
 Runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before Triton was
 imported (that is how CI tests it). Anything the kernels do not cover falls back to the torch
 reference per item, without host-device synchronization: float64 parameters, activations and
@@ -21,18 +25,17 @@ from torch import nn
 
 from .. import autograd_statistics, statistics
 from ..factors import FactorBuffers, LayerSlot
-from ..functional import adafisher_update, preconditioner
 from ..layers import FactorIndex, LayerKind
 from . import torch_backend
 from .base import GroupStep
 
 
-def _kernels() -> tuple[ModuleType, ModuleType, ModuleType]:
-    """The kernel modules and their front-end adapter (imported lazily: Triton is optional)."""
-    from ..kernels import blend, fused_step  # noqa: PLC0415
+def _kernels() -> tuple[ModuleType, ModuleType]:
+    """The Triton ops and the statistics adapter (imported lazily: Triton is optional)."""
+    from .. import triton_ops  # noqa: PLC0415
     from . import triton_statistics  # noqa: PLC0415
 
-    return blend, fused_step, triton_statistics
+    return triton_ops, triton_statistics
 
 
 def _import_error() -> str | None:
@@ -46,9 +49,7 @@ def _import_error() -> str | None:
 
 
 def _interpreted() -> bool:
-    from ..kernels._launch import interpreted  # noqa: PLC0415
-
-    return interpreted(_kernels()[1]._step_kernel)
+    return _kernels()[0].INTERPRETED
 
 
 def usable_on(devices: Iterable[torch.device]) -> bool:
@@ -71,14 +72,13 @@ class TritonBackend:
 
     def __init__(self, interpreted: bool) -> None:
         self.interpreted = interpreted
-        blend, fused_step, statistics_adapter = _kernels()
-        self._blend, self._fused, self._stats = blend, fused_step, statistics_adapter
-        self._segments = SegmentTables()
+        self._ops, statistics_adapter = _kernels()
+        self._stats = statistics_adapter
+        self._segments = SegmentOffsets()
         # id(param) → (weak reference, reason): parameters the fused step could not take
         self.slow_path: dict[int, tuple[weakref.ref, str]] = {}
         self._warned_slow_path = False
         self._scratch = statistics_adapter.ScratchPool()
-        self._step_tables = fused_step.StepTables()
 
     @classmethod
     def create(cls, devices: Iterable[torch.device]) -> TritonBackend:
@@ -139,55 +139,45 @@ class TritonBackend:
         self._stats.commit_pass(buffers, slot, module, h_hat, grad_output, batch, self._scratch)
 
     def update_factors(self, buffers: FactorBuffers, gammas: Sequence[float]) -> None:
-        if buffers.dtype != torch.float32 or not _runs_on(buffers.device, self.interpreted):
-            torch_backend.update_factors(buffers, gammas)
-            return
-        table, longest = self._segments.get(buffers)
-        self._blend.update_factors(
+        # float64 buffers, or buffers the kernels do not run on: the op's torch reference
+        torch.ops.adafisher.triton_update_factors(
             buffers.factors, buffers.pending, buffers.pending_count, buffers.blended,
-            buffers.nonfinite, table, longest, (float(gammas[0]), float(gammas[1])),
-            torch_backend.NORMALIZATION_EPS,
+            buffers.nonfinite, self._segments.get(buffers), 1.0 - float(gammas[0]),
+            float(gammas[1]), torch_backend.NORMALIZATION_EPS,
         )
         buffers.has_pending = False
 
     # ------------------------------------------------------------------------------ step
     def step(self, group: GroupStep) -> None:
-        step_item = self._fused.StepItem
-        # One launch per (device, param dtype, grad dtype, alignment): one misaligned parameter
-        # gets its own launch instead of turning off vector loads for all. Its tracked
-        # parameters must share one FactorBuffers (the optimizer keeps one per device),
-        # untracked ones join any.
-        launches: dict[tuple, list] = {}
-        owners: dict[tuple, FactorBuffers] = {}
+        """One ``triton_fused_step`` per device. This path gets host step counts (the
+        optimizer counted them): they and lr travel to the device with non-blocking copies."""
+        # One launch per (device, factor buffer): a device holds one buffer per factor dtype.
+        # Untracked parameters (F = 1) join their device's first launch.
+        first: dict[torch.device, int] = {}
         for i, param in enumerate(group.params):
-            if param.numel() == 0:  # zero-size layers (``Linear(0, n)``): nothing to update
-                continue
-            grad, exp_avg = group.grads[i], group.exp_avgs[i]
+            if group.indices[i] is not None and param.numel() > 0:
+                first.setdefault(param.device, id(group.buffers[i]))
+        launches: dict[tuple[torch.device, int | None], _Launch] = {}
+        for i, param in enumerate(group.params):
             index, buffers = group.indices[i], group.buffers[i]
-            inner, reason = self._fusable(param, grad, exp_avg, index, buffers)
-            aligned = all(t.data_ptr() % 16 == 0 for t in (param, grad, exp_avg))
-            key = (param.device, param.dtype, grad.dtype, aligned)
-            if inner is not None and index is not None and owners.setdefault(
-                    key, buffers) is not buffers:
-                inner, reason = None, "its layer's factors live in another buffer"
-            if inner is not None:
-                place = None if index is None else self._fused.FactorPlace(
-                    index.layer, index.cols, index.h_offset, index.s_offset)
-                item = step_item(param, grad, exp_avg, group.steps[i], place, inner)
-                launches.setdefault(key, []).append(item)
-            else:
-                self._note_slow_path(param, reason)
-                _reference_update(param, grad, exp_avg, group.steps[i], index, buffers, group)
-        for key, items in launches.items():
-            buffers = owners.get(key)
-            self._fused.fused_step(
-                items,
-                buffers.factors if buffers is not None else None,
-                buffers.blended if buffers is not None else None,
-                lr=group.lr, beta=group.beta, weight_decay=group.weight_decay,
-                damping=group.damping, decoupled=group.decoupled, tables=self._step_tables,
-                maximize=group.maximize,
-            )
+            tracked = index is not None and param.numel() > 0
+            key = (param.device, id(buffers) if tracked else first.get(param.device))
+            launch = launches.get(key)
+            if launch is None:
+                launch = launches[key] = _Launch()
+            if tracked:
+                launch.buffers = buffers
+            launch.add(param, group.grads[i], group.exp_avgs[i], group.steps[i],
+                       index if tracked else None)
+        for (device, _), launch in launches.items():
+            for position, param in enumerate(launch.params):
+                factors = launch.buffers.factors if launch.layers[position] >= 0 else param
+                reason = self._ops.fused_refusal(param, launch.grads[position],
+                                                 launch.exp_avgs[position],
+                                                 launch.layers[position] >= 0, factors)
+                if reason is not None:
+                    self._note_slow_path(param, reason)
+            launch.run(device, group)
 
     def _note_slow_path(self, param: torch.Tensor, reason: str) -> None:
         """Record a parameter updated by the per-parameter torch path; warn the first time."""
@@ -214,94 +204,68 @@ class TritonBackend:
                 live.append((param, reason))
         return live
 
-    def _fusable(
-        self,
-        param: torch.Tensor,
-        grad: torch.Tensor,
-        exp_avg: torch.Tensor,
-        index: FactorIndex | None,
-        buffers: FactorBuffers | None,
-    ) -> tuple[int | None, str]:
-        """``(inner, "")`` (see ``StepItem``) when the fused kernel can update this parameter,
-        else ``(None, why not)``."""
-        dtypes = self._fused.FUSED_DTYPES
-        if param.dtype not in dtypes or grad.dtype not in dtypes or exp_avg.dtype != param.dtype:
-            return None, f"dtype {param.dtype} / gradient {grad.dtype}"
-        if not _runs_on(param.device, self.interpreted):
-            return None, f"device {param.device}"
-        if grad.device != param.device or exp_avg.device != param.device:
-            return None, "gradient or momentum on another device"
-        if grad.shape != param.shape or exp_avg.shape != param.shape:
-            return None, "gradient shape differs"
-        if grad.stride() != param.stride() or exp_avg.stride() != param.stride():
-            return None, "gradient or momentum strides differ from the parameter's"
-        if index is None:
-            return (1, "") if _dense(param) else (None, "not dense in memory")
-        if buffers is None or buffers.device != param.device:
-            return None, "its layer's factors live on another device"
-        if buffers.dtype != torch.float32:
-            return None, f"float64 factors ({buffers.dtype})"
-        if param.is_contiguous():
-            return index.cols, ""
-        layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(param.dim())
-        if layout is not None and param.is_contiguous(memory_format=layout):
-            return param.shape[1], ""
-        return None, "layout neither row-major nor channels_last"
-
-
-class SegmentTables:
-    """Per-buffer device tables of ``(offset, length)`` per segment for the blend kernel, and
-    the longest segment; rebuilt when layers are added (``add_param_group``)."""
+class SegmentOffsets:
+    """Per buffer, the ``segment_offsets`` of ``update_factors`` on its device (segment
+    ``2l`` is layer ``l``'s H, ``2l + 1`` its S); rebuilt when layers are added."""
 
     def __init__(self) -> None:
-        self._tables: dict[int, tuple[object, int, torch.Tensor, int]] = {}
+        self._offsets: dict[int, tuple[object, int, torch.Tensor]] = {}
 
-    def get(self, buffers: FactorBuffers) -> tuple[torch.Tensor, int]:
-        entry = self._tables.get(id(buffers))
+    def get(self, buffers: FactorBuffers) -> torch.Tensor:
+        entry = self._offsets.get(id(buffers))
         if entry is not None and entry[0]() is buffers and entry[1] == len(buffers.slots):
-            return entry[2], entry[3]
+            return entry[2]
         from ..kernels._tables import device_table  # noqa: PLC0415
 
-        values = [v for s in buffers.slots for v in (s.h_offset, s.h_len, s.s_offset, s.s_len)]
-        table = device_table(values, buffers.device)
-        longest = max((max(s.h_len, s.s_len) for s in buffers.slots), default=1)
-        self._tables[id(buffers)] = (weakref.ref(buffers), len(buffers.slots), table, longest)
-        return table, longest
+        bounds = [0]
+        for slot in buffers.slots:
+            bounds += [slot.s_offset, slot.s_offset + slot.s_len]
+        offsets = device_table(bounds, buffers.device)
+        self._offsets[id(buffers)] = (weakref.ref(buffers), len(buffers.slots), offsets)
+        return offsets
 
 
-def _dense(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense in some dim order (an elementwise update may run over memory)."""
-    expected = 1
-    for stride, size in sorted((s, n) for n, s in zip(t.shape, t.stride()) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
+class _Launch:
+    """The argument lists of one ``triton_fused_step`` call (one device of one group)."""
 
+    def __init__(self) -> None:
+        self.buffers: FactorBuffers | None = None
+        self.params: list[torch.Tensor] = []
+        self.grads: list[torch.Tensor] = []
+        self.exp_avgs: list[torch.Tensor] = []
+        self.steps: list[int] = []
+        self.layers: list[int] = []
+        self.h_offsets: list[int] = []
+        self.s_offsets: list[int] = []
+        self.rows: list[int] = []
 
-def _reference_update(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    step: int,
-    index: FactorIndex | None,
-    buffers: FactorBuffers | None,
-    group: GroupStep,
-) -> None:
-    """The torch update for one parameter, choosing F on the device (no host read)."""
-    fisher = None
-    if index is not None:
-        f = buffers.factors
-        fisher = preconditioner(
-            f[index.s_offset : index.s_offset + index.rows],
-            f[index.h_offset : index.h_offset + index.cols],
-            group.damping,
-            param.shape,
+    def add(self, param, grad, exp_avg, step: int, index: FactorIndex | None) -> None:
+        self.params.append(param)
+        self.grads.append(grad)
+        self.exp_avgs.append(exp_avg)
+        self.steps.append(step)
+        self.layers.append(-1 if index is None else index.layer)
+        self.h_offsets.append(0 if index is None else index.h_offset)
+        self.s_offsets.append(0 if index is None else index.s_offset)
+        self.rows.append(1 if index is None else index.rows)
+
+    def run(self, device: torch.device, group: GroupStep) -> None:
+        if self.buffers is not None:
+            factors, blended = self.buffers.factors, self.buffers.blended
+        else:
+            factors = torch.empty(0, device=device)
+            blended = torch.empty(0, device=device, dtype=torch.bool)
+        # The op counts the step itself: it gets the counts before this step.
+        steps = _on_device([s - 1 for s in self.steps], torch.float32, device).unbind()
+        lr = _on_device([group.lr], torch.float64, device)[0]
+        torch.ops.adafisher.triton_fused_step(
+            self.params, self.grads, self.exp_avgs, list(steps), factors, blended,
+            self.layers, self.h_offsets, self.s_offsets, self.rows, lr, group.beta,
+            group.damping, group.weight_decay, group.decoupled, group.maximize,
         )
-        ready = buffers.initialized()[index.layer]
-        fisher = torch.where(ready, fisher, torch.ones((), dtype=fisher.dtype, device=f.device))
-        fisher = fisher.to(param.device)
-    adafisher_update(
-        param, grad, exp_avg, step, fisher, lr=group.lr, beta=group.beta,
-        weight_decay=group.weight_decay, decoupled=group.decoupled, maximize=group.maximize,
-    )
+
+
+def _on_device(values: list[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``values`` on ``device``; on CUDA through pinned memory, without waiting."""
+    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)

@@ -50,17 +50,17 @@ def compile_kernel(fn, args: dict[str, object], aligned: tuple[str, ...] = ()) -
 
 def step_cases() -> dict[str, dict[str, int]]:
     out = {}
+    slots = [f"{kind}{k}" for kind in "pgm" for k in range(fused_step.SLOTS)]
     for dtype in ("fp32", "bf16"):
-        args = dict(meta="*i64", chunks="*i64", factors="*fp32", blended="*i1",
-                    p_type=f"*{dtype}", g_type=f"*{dtype}", grad_sign="fp32", beta="fp32",
-                    one_minus_beta="fp32",
-                    weight_decay="fp32", decay="fp32", damping="fp32", WD_MODE=2,
-                    CHUNK=fused_step.GPU_CHUNK, BLOCK=fused_step.GPU_BLOCK,
-                    FIELDS=fused_step._FIELDS, ALIGNED=True)
-        out[f"step_{dtype}"] = compile_kernel(fused_step._step_kernel, args)
+        args = dict(**{name: f"*{dtype}" for name in slots}, layout="*i64",
+                    coefficients="*fp64", factors="*fp32", blended="*i1", grad_sign="fp32",
+                    beta="fp32", one_minus_beta="fp32", weight_decay="fp32", damping="fp32",
+                    WD_MODE=2, CHUNK=fused_step.GPU_CHUNK, BLOCK=fused_step.GPU_BLOCK,
+                    FIELDS=fused_step.FIELDS)
+        out[f"step_{dtype}"] = compile_kernel(fused_step._step_kernel, args, tuple(slots))
     for wd_mode in (0, 1):  # the other weight-decay modes, fp16, unaligned addresses
-        args = {**args, "p_type": "*fp16", "g_type": "*fp32", "WD_MODE": wd_mode,
-                "ALIGNED": False}
+        args = {**args, **{name: "*fp16" for name in slots if name[0] != "g"},
+                **{name: "*fp32" for name in slots if name[0] == "g"}, "WD_MODE": wd_mode}
         out[f"step_fp16_wd{wd_mode}_unaligned"] = compile_kernel(fused_step._step_kernel, args)
     return out
 
@@ -143,7 +143,7 @@ def conv_cases() -> dict[str, dict[str, int]]:
 
 def blend_cases() -> dict[str, dict[str, int]]:
     args = dict(factors="*fp32", pending="*fp32", count_ptr="*fp32", blended="*i1",
-                nonfinite="*i64", table="*i64", keep="fp32", new="fp32", eps="fp32",
+                nonfinite="*i64", segment_offsets="*i64", keep="fp32", new="fp32", eps="fp32",
                 BLOCK=1024)
     return {"blend": compile_kernel(blend._blend_kernel, args)}
 

@@ -1,4 +1,5 @@
-"""kernels/blend.py (normalize + blend, SPEC §3) against ``torch_backend.update_factors``."""
+"""kernels/blend.py through ``adafisher::triton_update_factors`` (normalize + blend, SPEC §3)
+against ``torch_backend.update_factors``."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import pytest
 import torch
 from kernel_testing import DEVICE, randn, rel_err
 
+from adafisher import triton_ops  # noqa: F401  (registers the ops)
 from adafisher.backends import torch_backend
-from adafisher.backends.triton_backend import SegmentTables
+from adafisher.backends.triton_backend import SegmentOffsets
 from adafisher.factors import FactorBuffers
 from adafisher.kernels import blend
 from adafisher.layers import LayerKind
@@ -34,10 +36,14 @@ def _buffers(seed: int) -> FactorBuffers:
 
 
 def update_factors(buffers, gammas, eps, tables, block=None):
-    """The kernel on a FactorBuffers (the backend's translation, inlined)."""
-    table, longest = tables.get(buffers)
-    blend.update_factors(buffers.factors, buffers.pending, buffers.pending_count,
-                         buffers.blended, buffers.nonfinite, table, longest, gammas, eps, block)
+    """The op on a FactorBuffers (the backend's translation, inlined); ``block`` forces the
+    kernel's tile size."""
+    with pytest.MonkeyPatch.context() as patch:
+        if block is not None:
+            patch.setattr(blend, "tile_size", lambda longest, gpu: block)
+        torch.ops.adafisher.triton_update_factors(
+            buffers.factors, buffers.pending, buffers.pending_count, buffers.blended,
+            buffers.nonfinite, tables.get(buffers), 1.0 - gammas[0], gammas[1], eps)
     buffers.has_pending = False
 
 
@@ -58,7 +64,7 @@ def _compare(ours: FactorBuffers, ref: FactorBuffers) -> None:
 @pytest.mark.parametrize("block", [None, 16])  # 16: several tiles per segment
 def test_blend_matches_torch(gammas, block) -> None:
     ours, ref = _buffers(seed=3), _buffers(seed=3)
-    update_factors(ours, gammas, torch_backend.NORMALIZATION_EPS, SegmentTables(), block=block)
+    update_factors(ours, gammas, torch_backend.NORMALIZATION_EPS, SegmentOffsets(), block=block)
     torch_backend.update_factors(ref, gammas)
     _compare(ours, ref)
 
@@ -72,7 +78,7 @@ def test_nonfinite_segments_are_discarded_and_counted(bad: float) -> None:
         s2 = sum(SIZES[0]) + sum(SIZES[1]) + SIZES[2][0]
         buffers.pending[s2 + 100] = bad  # layer 2's S, active
     before = ours.factors.clone()
-    update_factors(ours, (0.92, 0.008), torch_backend.NORMALIZATION_EPS, SegmentTables())
+    update_factors(ours, (0.92, 0.008), torch_backend.NORMALIZATION_EPS, SegmentOffsets())
     torch_backend.update_factors(ref, (0.92, 0.008))
     _compare(ours, ref)
     assert torch.equal(ours.factors[:1], before[:1])  # discarded: factor kept
@@ -81,7 +87,7 @@ def test_nonfinite_segments_are_discarded_and_counted(bad: float) -> None:
 
 def test_tables_follow_added_layers() -> None:
     """A new layer (``add_param_group``) is seen by the next update (tables rebuilt)."""
-    tables = SegmentTables()
+    tables = SegmentOffsets()
     ours, ref = _buffers(seed=7), _buffers(seed=7)
     update_factors(ours, (0.5, 0.5), 1e-6, tables)
     torch_backend.update_factors(ref, (0.5, 0.5))
@@ -101,6 +107,6 @@ def test_constant_statistics_normalize_to_zero() -> None:
     ref = copy.deepcopy(ours)
     ours.pending.fill_(2.5)
     ref.pending.fill_(2.5)
-    update_factors(ours, (0.1, 0.3), 1e-6, SegmentTables())
+    update_factors(ours, (0.1, 0.3), 1e-6, SegmentOffsets())
     torch_backend.update_factors(ref, (0.1, 0.3))
     _compare(ours, ref)

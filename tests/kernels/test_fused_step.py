@@ -1,21 +1,29 @@
-"""kernels/fused_step.py against ``adafisher.functional.adafisher_update`` (SPEC §5, §6)."""
+"""kernels/fused_step.py through ``adafisher::triton_fused_step`` against
+``adafisher.functional.adafisher_update`` (SPEC §5, §6)."""
 
 from __future__ import annotations
 
 import random
+from typing import NamedTuple
 
 import pytest
 import torch
 from kernel_testing import DEVICE, LOW_PRECISION, randn, rel_err
 
+from adafisher import triton_ops  # noqa: F401  (registers the ops)
 from adafisher.functional import adafisher_update, preconditioner
-from adafisher.kernels.fused_step import (
-    FactorPlace,
-    StepItem,
-    StepTables,
-    division_magic,
-    fused_step,
-)
+from adafisher.kernels import fused_step
+from adafisher.kernels.fused_step import division_magic
+
+
+class FactorPlace(NamedTuple):
+    """Where a parameter viewed as (rows, cols) reads F: S at s_offset, H at h_offset."""
+
+    layer: int
+    cols: int
+    h_offset: int
+    s_offset: int
+
 
 # factor layout: layer 0 (Linear 5→7 with bias): H [0, 6), S [6, 13); layer 1 (conv 3→4,
 # 3×2 kernel): H [13, 32), S [32, 36); layer 2 (BatchNorm 4): H [36, 38), S [38, 42);
@@ -76,14 +84,20 @@ def _run(names, *, dtype=torch.float32, grad_dtype=None, channels_last=False, wd
     ours = _problem(names, dtype, grad_dtype, channels_last, seed=100)
     ref = _problem(names, dtype, grad_dtype, channels_last, seed=100)
     hyper = dict(lr=lr, beta=0.9, damping=1e-3)
-    items = [
-        StepItem(p, g, m, t, INDEX.get(name),
-                 (p.shape[1] if channels_last and p.dim() == 4 else INDEX[name].cols)
-                 if name in INDEX else 1)
-        for (name, p, g, m), t in zip(ours, steps)
-    ]
-    fused_step(items, factors, blended, weight_decay=wd, decoupled=decoupled,
-               tables=StepTables(), block=block, chunk=chunk, **hyper)
+    counts = [torch.tensor(float(t - 1), device=DEVICE) for t in steps]  # the op counts
+    places = [INDEX.get(name) for name, *_ in ours]
+    with pytest.MonkeyPatch.context() as patch:
+        if block is not None:
+            patch.setattr(fused_step, "tile_sizes", lambda largest, gpu: (block, chunk))
+        torch.ops.adafisher.triton_fused_step(
+            [p for _, p, _, _ in ours], [g for _, _, g, _ in ours], [m for *_, m in ours],
+            counts, factors, blended, [-1 if x is None else x.layer for x in places],
+            [0 if x is None else x.h_offset for x in places],
+            [0 if x is None else x.s_offset for x in places],
+            [p.shape[0] if x is not None else 1 for (_, p, _, _), x in zip(ours, places)],
+            torch.tensor(lr, dtype=torch.float64, device=DEVICE), 0.9, 1e-3, wd, decoupled,
+            False)
+    assert [int(c) for c in counts] == steps
     _reference(ref, steps, factors, blended, wd=wd, decoupled=decoupled, **hyper)
     return ours, ref
 
@@ -141,17 +155,6 @@ def test_no_factors_at_all() -> None:
     """Only untracked parameters: stand-in factor buffers, F = 1."""
     ours, ref = _run(["free", "free_1d"], wd=0.1)
     _check(ours, ref, 1e-6)
-
-
-def test_lr_change_reuses_tables() -> None:
-    """The chunk table is cached per list of sizes; changing lr only changes the scalars."""
-    tables = StepTables()
-    factors, blended = _factors()
-    p, g, m = randn(7, 5, seed=1), randn(7, 5, seed=2), randn(7, 5, seed=3)
-    for lr in (1e-3, 2e-3):
-        fused_step([StepItem(p, g, m, 1, INDEX["fc.weight"], 5)], factors, blended, lr=lr,
-                   beta=0.9, weight_decay=0.0, damping=1e-3, decoupled=False, tables=tables)
-    assert len(tables._chunks) == 1
 
 
 def test_division_magic_is_exact() -> None:
