@@ -153,7 +153,7 @@ class AdaFisher(torch.optim.Optimizer):
         self._already_hooked: list[str] = []  # layers another live optimizer hooks too
         self._group_checker = GroupChecker()
         self._unfed_check = UnfedLayerCheck()  # names tracked layers that get no statistics
-        self._plan: StepPlan | None = None  # the native backend's cached step arguments
+        self._plan: StepPlan | None = None  # the planned backends' cached step arguments
         # "momentum" in defaults tells OneCycleLR/CyclicLR that momentum can be cycled; groups
         # carry it only once a scheduler writes it (see GroupChecker).
         defaults["momentum"] = beta
@@ -201,7 +201,7 @@ class AdaFisher(torch.optim.Optimizer):
                 raise ValueError("a parameter is listed twice in one param group")
             seen.add(id(p))
         group = {**self.defaults, **param_group, "params": params}
-        check_group_keys(group, capturable_ok=self._ensure_backend(params).name == "native")
+        check_group_keys(group, capturable_ok=hasattr(self._ensure_backend(params), "step_plan"))
         check_group_hyperparameters(group)
         super().add_param_group(group)
         group.pop("momentum", None)  # from defaults; only a scheduler sets it (GroupChecker)
@@ -225,8 +225,8 @@ class AdaFisher(torch.optim.Optimizer):
         if self._backend is None:
             self._backend = resolve_backend(self._backend_request, {p.device for p in params})
             self._collector = StatisticsCollector(self._backend, self._schedule)
-            if self._backend.name == "native":
-                self._plan = StepPlan()
+            if hasattr(self._backend, "step_plan"):  # native and Triton: the planned step
+                self._plan = self._backend.step_plan()
         return self._backend
 
     def _track_parameters(self, params: list[torch.Tensor]) -> None:
@@ -416,7 +416,8 @@ class AdaFisher(torch.optim.Optimizer):
                                         self._collector.seen_without_samples)
             # The planned (native) path launches the update unconditionally: it does nothing
             # when nothing is pending, and no host flag decides what a traced step runs.
-            if self._plan is not None or buffers.has_pending:
+            if (self._plan is not None and self._backend.always_update_factors) or (
+                    buffers.has_pending):
                 self._backend.update_factors(buffers, self.gammas)
         if takes_statistics:  # (a traced step leaves the names for the next eager check)
             self._collector.seen_without_samples.clear()

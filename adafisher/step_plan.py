@@ -1,4 +1,4 @@
-"""Cached arguments of the fused step (the native backend's hot path).
+"""Cached arguments of the fused step (the native and Triton backends' hot path).
 
 Per parameter group, the ``adafisher::fused_step`` argument lists (momenta, step-count tensors,
 factor offsets) are built once and rebuilt only when the set of parameters that have a gradient
@@ -60,8 +60,16 @@ class GroupPlan:
 
 
 class StepPlan:
-    def __init__(self) -> None:
+    """``fused_step``: the op the launches call — ``adafisher::fused_step`` (native) or an op
+    with its schema (``adafisher::triton_fused_step``); ``on_build(plan, grads)``: called
+    after a plan is (re)built, e.g. to note parameters the op will step on a slow path."""
+
+    def __init__(self, fused_step: Callable[..., Any] | None = None,
+                 on_build: Callable[[GroupPlan, list], None] | None = None) -> None:
         self._groups: dict[int, GroupPlan] = {}  # id(group["params"]) → plan
+        self._fused_step = fused_step if fused_step is not None else (
+            torch.ops.adafisher.fused_step)
+        self._on_build = on_build
         _build.prepare()
 
     def forget(self) -> None:
@@ -81,14 +89,17 @@ class StepPlan:
         else:
             grads = list(map(_GRAD, params))
             has_grad = tuple(map(_HAS_VALUE, grads))
+        _check_gradients(grads, compiling=torch.compiler.is_compiling())
         plan = self._groups.get(id(params))
         if (plan is None or plan.has_grad != has_grad or plan.state is not optimizer.state
                 or any(b.factors is not f for b, f in plan.buffers)):
             plan = self._groups[id(params)] = _build(optimizer, params, grads, has_grad)
+            if self._on_build is not None:
+                self._on_build(plan, grads)
         return plan, grads
 
-    @staticmethod
-    def launch(plan: GroupPlan, grads: list, group: dict[str, Any], decoupled: bool) -> None:
+    def launch(self, plan: GroupPlan, grads: list, group: dict[str, Any],
+               decoupled: bool) -> None:
         """One ``fused_step`` per device for a prepared group."""
         if not plan.steps:
             return
@@ -110,7 +121,7 @@ class StepPlan:
                 step_grads = [grads[i] for i in launch.positions]
             else:
                 step_grads = launch.pick(grads)
-            torch.ops.adafisher.fused_step(
+            self._fused_step(
                 launch.params, step_grads, launch.exp_avgs,
                 launch.steps, launch.factors, launch.blended, launch.layers, launch.h_offsets,
                 launch.s_offsets, launch.rows, lr_tensor, float(group["beta"]),
@@ -121,6 +132,22 @@ class StepPlan:
 
 _GRAD = operator.attrgetter("grad")  # param ↦ param.grad, in C
 _HAS_VALUE = functools.partial(operator.is_not, None)  # grad ↦ grad is not None, in C
+_LAYOUT = operator.attrgetter("layout")
+_STRIDED = frozenset((torch.strided,))
+
+
+def _check_gradients(grads: list, compiling: bool) -> None:
+    """Refuse sparse and complex gradients on every step, before anything changes (a plan
+    outlives the gradients it was built with). The steady state loops in C only."""
+    if not compiling:
+        present = list(filter(_HAS_VALUE, grads))
+        if set(map(_LAYOUT, present)) <= _STRIDED and not any(map(torch.is_complex, present)):
+            return
+    for grad in grads:
+        if grad is not None and grad.is_sparse:
+            raise ValueError("AdaFisher does not support sparse gradients (use dense ones)")
+        if grad is not None and grad.is_complex():
+            raise ValueError("AdaFisher does not support complex gradients")
 
 
 def _picker(positions: list[int], n_params: int) -> Callable[[list], Any]:
@@ -142,14 +169,16 @@ def _same(grads: list) -> list:
 @outside_compiled_graphs
 def _build(optimizer, params: list[torch.Tensor], grads: list, has_grad: tuple) -> GroupPlan:
     factor_index: dict[int, tuple[FactorIndex, FactorBuffers]] = optimizer._factor_index
-    launches: dict[torch.device, DeviceLaunch] = {}
+    # One launch per (device, factor buffer): a device holds one buffer per factor dtype.
+    # Untracked parameters (F = 1) join their device's first launch.
+    launches: dict[tuple[torch.device, int | None], DeviceLaunch] = {}
+    first: dict[torch.device, int] = {}
+    for p, grad in zip(params, grads):
+        index, buffers = factor_index.get(id(p), (None, None))
+        if grad is not None and index is not None and p.numel() > 0:
+            first.setdefault(p.device, id(buffers))
     read: dict[int, tuple[FactorBuffers, torch.Tensor]] = {}
     layers_with_grads: dict[int, set[int]] = {}
-    for grad in grads:  # all checked before any state is created: a refused step changes nothing
-        if grad is not None and grad.is_sparse:
-            raise ValueError("AdaFisher does not support sparse gradients (use dense ones)")
-        if grad is not None and grad.is_complex():
-            raise ValueError("AdaFisher does not support complex gradients")
     for i, p in enumerate(params):
         grad = grads[i]
         if grad is None:
@@ -160,26 +189,26 @@ def _build(optimizer, params: list[torch.Tensor], grads: list, has_grad: tuple) 
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if p.device.type != "cpu" and state["step"].device != p.device:
             state["step"] = state["step"].to(p.device)  # counted on the device (capturable)
-        launch = launches.get(p.device)
+        index, buffers = factor_index.get(id(p), (None, None))
+        tracked = index is not None and p.numel() > 0
+        key = (p.device, id(buffers) if tracked else first.get(p.device))
+        launch = launches.get(key)
         if launch is None:
-            launch = launches[p.device] = DeviceLaunch(p.device)
+            launch = launches[key] = DeviceLaunch(p.device)
             launch.lr = torch.zeros((), dtype=torch.float64, device=p.device)
             launch.one = torch.ones((), dtype=torch.float64, device=p.device)
-        index, buffers = factor_index.get(id(p), (None, None))
         launch.positions.append(i)
         launch.params.append(p)
         launch.exp_avgs.append(state["exp_avg"])
         launch.steps.append(state["step"])
         if index is not None:
             layers_with_grads.setdefault(id(buffers), set()).add(index.layer)
-        if index is None or p.numel() == 0:  # nothing to precondition (a zero-size layer)
+        if not tracked:  # nothing to precondition (no layer, or a zero-size layer)
             launch.layers.append(-1)
             launch.h_offsets.append(0)
             launch.s_offsets.append(0)
             launch.rows.append(1)
             continue
-        if launch.factors is not None and launch.factors is not buffers.factors:
-            raise RuntimeError("parameters of one device read two factor buffers")
         launch.factors, launch.blended = buffers.factors, buffers.blended
         read[id(buffers)] = (buffers, buffers.factors)
         launch.layers.append(index.layer)

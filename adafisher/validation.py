@@ -21,8 +21,8 @@ _MOMENTUM = len(GROUP_HYPERPARAMETERS)
 UNSUPPORTED_GROUP_KEYS = {
     "foreach": "AdaFisher chooses its implementation with `backend`",
     "fused": "AdaFisher chooses its implementation with `backend`",
-    "capturable": "it needs backend='native', whose step counts and lr live on the device "
-    "(the torch and triton backends read step counts on the host)",
+    "capturable": "it needs backend='native' or 'triton', whose step counts and lr live on "
+    "the device (the torch backend reads step counts on the host)",
     "differentiable": "the step is not differentiable",
 }
 _CAPTURABLE = _MOMENTUM + 1 + list(UNSUPPORTED_GROUP_KEYS).index("capturable")

@@ -284,14 +284,21 @@ def test_unsupported_torch_group_options_are_refused(key):
     AdaFisher(model, [{"params": model.parameters(), key: False}], backend="torch")
 
 
-@pytest.mark.skipif(not adafisher.native_available(), reason="adafisher._C not built")
-def test_capturable_is_accepted_by_the_native_backend():
+@pytest.mark.parametrize("backend", [
+    pytest.param("native", marks=pytest.mark.skipif(not adafisher.native_available(),
+                                                    reason="adafisher._C not built")),
+    "triton",
+])
+def test_capturable_is_accepted_by_the_planned_backends(backend):
+    """Native and Triton step through the cached plan: step counts and lr live on the
+    parameters' device, so a CUDA graph replays with current values."""
     model = nn.Linear(3, 2)
     opt = AdaFisher(model, [{"params": model.parameters(), "capturable": True}],
-                    backend="native")
+                    backend=backend)
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
     assert opt.param_groups[0]["capturable"] is True
+    assert all(isinstance(opt.state[p]["step"], torch.Tensor) for p in model.parameters())
 
 
 # ------------------------------------------------------------------- float64 (issue 9.4)

@@ -13,6 +13,7 @@ import torch
 
 from .. import ops
 from ..factors import FactorBuffers
+from ..step_plan import StepPlan
 from .base import GroupStep
 from .torch_backend import NORMALIZATION_EPS, TorchBackend
 
@@ -57,6 +58,12 @@ class NativeBackend(TorchBackend):
         offsets = torch.tensor(bounds, dtype=torch.int64, device=buffers.device)
         self._segment_offsets.append((buffers, len(buffers.slots), offsets))
         return offsets
+
+    always_update_factors = True  # the optimizer launches the update on every step
+
+    def step_plan(self) -> StepPlan:
+        """The cached, capturable step path (``step_plan.py``) through ``fused_step``."""
+        return StepPlan()
 
     def update_factors(self, buffers: FactorBuffers, gammas: Sequence[float]) -> None:
         torch.ops.adafisher.update_factors(

@@ -26,6 +26,7 @@ from torch import nn
 from .. import autograd_statistics, statistics
 from ..factors import FactorBuffers, LayerSlot
 from ..layers import FactorIndex, LayerKind
+from ..step_plan import GroupPlan, StepPlan
 from . import torch_backend
 from .base import GroupStep
 
@@ -148,6 +149,29 @@ class TritonBackend:
         buffers.has_pending = False
 
     # ------------------------------------------------------------------------------ step
+    @property
+    def always_update_factors(self) -> bool:
+        """Whether the optimizer launches the factor update on every step (no host flag on
+        the hot path). Not under the interpreter, where a launch costs milliseconds of CPU."""
+        return not self.interpreted
+
+    def step_plan(self) -> StepPlan:
+        """The cached, capturable step path (``step_plan.py``) through ``triton_fused_step``."""
+        return StepPlan(torch.ops.adafisher.triton_fused_step, self._note_planned_slow_paths)
+
+    def _note_planned_slow_paths(self, plan: GroupPlan, grads: list) -> None:
+        """When a plan is (re)built: note the parameters the op will step on the torch path
+        (checked with the gradients of that step; a later gradient of another layout is still
+        stepped correctly, by the op's own per-parameter fallback)."""
+        for launch in plan.launches:
+            for position, param in enumerate(launch.params):
+                tracked = launch.layers[position] >= 0
+                reason = self._ops.fused_refusal(
+                    param, grads[launch.positions[position]], launch.exp_avgs[position],
+                    tracked, launch.factors if tracked else param)
+                if reason is not None:
+                    self._note_slow_path(param, reason)
+
     def step(self, group: GroupStep) -> None:
         """One ``triton_fused_step`` per device. This path gets host step counts (the
         optimizer counted them): they and lr travel to the device with non-blocking copies."""
