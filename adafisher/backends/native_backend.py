@@ -2,7 +2,8 @@
 (``adafisher/ops.py``), served by the compiled kernels of ``adafisher._C`` (``csrc/``).
 
 One ``fused_step`` call per (group, device) and one ``update_factors`` call per device. The
-statistics of the forward/backward passes are the torch backend's (not fused natively yet).
+statistics of the forward/backward passes go through the statistics ops
+(``native_statistics.py``): one op per layer in the forward pass, one in the backward.
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
+from torch import nn
 
 from .. import ops
-from ..factors import FactorBuffers
+from ..factors import FactorBuffers, LayerSlot
+from ..layers import LayerKind
+from . import native_statistics
 from .base import GroupStep
 from .torch_backend import NORMALIZATION_EPS, TorchBackend
 
@@ -57,6 +61,26 @@ class NativeBackend(TorchBackend):
         offsets = torch.tensor(bounds, dtype=torch.int64, device=buffers.device)
         self._segment_offsets.append((buffers, len(buffers.slots), offsets))
         return offsets
+
+    # ------------------------------------------------------------------------ statistics
+    def input_statistic(self, kind: LayerKind, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return native_statistics.input_statistic(kind, module, x)
+
+    def batchnorm_input_statistic(
+        self, module: nn.Module, output: torch.Tensor, x: torch.Tensor
+    ) -> torch.Tensor | None:
+        return native_statistics.batchnorm_input_statistic(output, x)
+
+    def commit_pass(
+        self,
+        buffers: FactorBuffers,
+        slot: LayerSlot,
+        module: nn.Module,
+        h_hat: torch.Tensor,
+        grad_output: torch.Tensor,
+        batch: int,
+    ) -> None:
+        native_statistics.commit_pass(buffers, slot, module, h_hat, grad_output, batch)
 
     def update_factors(self, buffers: FactorBuffers, gammas: Sequence[float]) -> None:
         torch.ops.adafisher.update_factors(
