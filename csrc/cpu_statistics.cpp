@@ -26,6 +26,12 @@ constexpr int64_t kFoldLimit = 1 << 20;       // per-sample sums a channels_last
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
+// v · scale rounded once (the product in double): as close to v / n as a division.
+template <typename acc_t>
+inline acc_t scaled(acc_t v, double scale) {
+  return static_cast<acc_t>(static_cast<double>(v) * scale);
+}
+
 at::ScalarType acc_scalar_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -212,8 +218,7 @@ at::Tensor channel_sum_of_squares_cpu(const at::Tensor& x, int64_t channel_start
   AT_DISPATCH_FLOATING_TYPES(sums.scalar_type(), "channel_sum_of_squares", [&] {
     const scalar_t* s = sums.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    const scalar_t k = static_cast<scalar_t>(scale);
-    for (int64_t i = 0; i < n; ++i) o[i] = s[i] * k;
+    for (int64_t i = 0; i < n; ++i) o[i] = scaled<scalar_t>(s[i], scale);
     if (append_one) o[n] = scalar_t(1);
   });
   return out;
@@ -228,7 +233,7 @@ at::Tensor norm_input_statistic_cpu(const at::Tensor& x, int64_t channel_start,
     scalar_t dot = 0;
     for (int64_t i = 0; i < sums.numel(); ++i) dot += s[i] * s[i];
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    o[0] = dot * static_cast<scalar_t>(scale);
+    o[0] = scaled<scalar_t>(dot, scale);
     o[1] = static_cast<scalar_t>(second);
   });
   return out;
@@ -363,8 +368,9 @@ at::Tensor conv_input_statistic_cpu(const at::Tensor& input, at::IntArrayRef ker
     const ChannelView rows{batch, per_sample, 1, x.stride(0), 1, 1};
     channel_reduce<true, scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), rows, x2.data());
     std::vector<acc_t> per_channel(channels * patch);
-    const int64_t grain = std::max<int64_t>(1, kSerialElements / std::max<int64_t>(
-                                                   1, per_sample / channels * patch));
+    const int64_t per_channel_work = per_sample / std::max<int64_t>(1, channels) * patch;
+    const int64_t grain = std::max<int64_t>(
+        1, kSerialElements / std::max<int64_t>(1, per_channel_work));
     at::parallel_for(0, channels, grain, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> t3, t2;
       for (int64_t c = begin; c < end; ++c)
@@ -372,12 +378,12 @@ at::Tensor conv_input_statistic_cpu(const at::Tensor& input, at::IntArrayRef ker
                           per_channel.data() + c * patch, t3, t2);
     });
     acc_t* h = out.mutable_data_ptr<acc_t>();
-    const acc_t scale = acc_t(1) / (static_cast<acc_t>(batch) * static_cast<acc_t>(n_positions) *
-                                    static_cast<acc_t>(groups));
+    const double scale = 1.0 / (static_cast<double>(batch) * static_cast<double>(n_positions) *
+                                static_cast<double>(groups));
     for (int64_t i = 0; i < per_group * patch; ++i) {
       acc_t s = 0;
       for (int64_t g = 0; g < groups; ++g) s += per_channel[g * per_group * patch + i];
-      h[i] = s * scale;
+      h[i] = scaled<acc_t>(s, scale);
     }
     if (bias) h[per_group * patch] = acc_t(1);
   });
@@ -415,11 +421,10 @@ void commit_statistics_cpu(const at::Tensor& pending, const at::Tensor& pending_
     AT_DISPATCH_FLOATING_TYPES(s_hat.scalar_type(), "commit_statistics", [&] {
       using sum_t = scalar_t;
       const sum_t* s = s_hat.const_data_ptr<sum_t>();
-      const sum_t k = static_cast<sum_t>(scale);
       using pending_t = std::remove_pointer_t<decltype(p)>;
       for (int64_t i = 0; i < s_len; ++i) {
-        const sum_t v = sum_then_square ? s[i] * s[i] * k : s[i] * k;
-        p[s_offset + i] += static_cast<pending_t>(v);
+        const sum_t v = sum_then_square ? s[i] * s[i] : s[i];
+        p[s_offset + i] += static_cast<pending_t>(scaled<sum_t>(v, scale));
       }
     });
     pending_count.mutable_data_ptr<scalar_t>()[layer] += scalar_t(1);
