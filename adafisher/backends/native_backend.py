@@ -63,12 +63,17 @@ class NativeBackend(TorchBackend):
         return offsets
 
     # ------------------------------------------------------------------------ statistics
+    # CPU tensors take the C++ statistics ops; others (CUDA) the torch backend's statistics.
     def input_statistic(self, kind: LayerKind, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return super().input_statistic(kind, module, x)
         return native_statistics.input_statistic(kind, module, x)
 
     def batchnorm_input_statistic(
         self, module: nn.Module, output: torch.Tensor, x: torch.Tensor
     ) -> torch.Tensor | None:
+        if x.device.type != "cpu":
+            return super().batchnorm_input_statistic(module, output, x)
         return native_statistics.batchnorm_input_statistic(output, x)
 
     def commit_pass(
@@ -80,6 +85,9 @@ class NativeBackend(TorchBackend):
         grad_output: torch.Tensor,
         batch: int,
     ) -> None:
+        if buffers.device.type != "cpu" or grad_output.device.type != "cpu":
+            super().commit_pass(buffers, slot, module, h_hat, grad_output, batch)
+            return
         native_statistics.commit_pass(buffers, slot, module, h_hat, grad_output, batch)
 
     def update_factors(self, buffers: FactorBuffers, gammas: Sequence[float]) -> None:
