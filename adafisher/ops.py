@@ -170,6 +170,10 @@ _LIB.impl("fused_step", fused_step_reference, "CompositeExplicitAutograd")
 _LIB.impl("update_factors", update_factors_reference, "CompositeExplicitAutograd")
 
 
+# The statistics ops (their schemas, fakes and references) before the kernels that serve them.
+from . import statistic_ops  # noqa: E402, F401
+
+
 # --------------------------------------------------------------------- native extension
 def _load_native() -> str | None:
     """Import ``adafisher._C`` (registers the CPU/CUDA kernels); the reason when it cannot."""

@@ -10,6 +10,7 @@ written as JSON.
 
     python bench/train_step.py                        # 3 rounds of 100 steps: minutes on CPU
     python bench/train_step.py --interval 10 --rounds 5 --threads 2
+    python bench/train_step.py --backend torch        # the pure-PyTorch reference backend
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
 
 from adafisher import AdaFisher  # noqa: E402
+from adafisher.backends import BACKENDS  # noqa: E402
 from bench import common  # noqa: E402
 
 DEFAULT_THREADS = 2
@@ -65,12 +67,14 @@ def cifar_resnet(blocks_per_stage: int = 3, width: int = 16, classes: int = 10) 
     return nn.Sequential(*layers)
 
 
-def optimizers(interval: int) -> dict[str, Callable[[nn.Module], torch.optim.Optimizer]]:
+def optimizers(
+    interval: int, backend: str = "auto"
+) -> dict[str, Callable[[nn.Module], torch.optim.Optimizer]]:
     """The compared optimizers; ``adafisher`` takes statistics once per ``interval`` steps."""
     return {
         "adam": lambda m: torch.optim.Adam(m.parameters(), lr=1e-3),
-        "adafisher-i1": lambda m: AdaFisher(m, lr=1e-3, factor_interval=1, backend="torch"),
-        "adafisher": lambda m: AdaFisher(m, lr=1e-3, factor_interval=interval, backend="torch"),
+        "adafisher-i1": lambda m: AdaFisher(m, lr=1e-3, factor_interval=1, backend=backend),
+        "adafisher": lambda m: AdaFisher(m, lr=1e-3, factor_interval=interval, backend=backend),
     }
 
 
@@ -86,6 +90,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="timed windows per optimizer (default: %(default)s)")
     parser.add_argument("--warmup-rounds", type=common.nonnegative_int, default=1,
                         help="untimed windows first (default: %(default)s)")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="AdaFisher's backend (default: %(default)s; the one that ran is "
+                             "printed: 'auto' picks the compiled kernels on CPU when built)")
     parser.add_argument("--out", type=Path, default=Path("results"),
                         help="writes OUT/train_step.json (default: results)")
     args = parser.parse_args(argv)
@@ -95,10 +102,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     runs = {}
-    for name, make in optimizers(args.interval).items():
+    for name, make in optimizers(args.interval, args.backend).items():
         torch.manual_seed(0)
         model = cifar_resnet()
         runs[name] = (model, make(model))
+    ran = {opt.backend for _, opt in runs.values() if isinstance(opt, AdaFisher)}
+    backend = ran.pop() if len(ran) == 1 else ", ".join(sorted(ran))
     x = torch.randn(args.batch_size, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch_size,))
 
@@ -130,11 +139,13 @@ def run(args: argparse.Namespace) -> dict:
     result = {
         "model": "cifar-resnet20", "batch_size": args.batch_size, "threads": args.threads,
         "interval": args.interval, "rounds": args.rounds, "torch": torch.__version__,
+        "backend_requested": args.backend, "backend": backend,
         "step_s": per_step, "ratio_to_adam": ratios, "window_times_s": times,
         "untrusted": [n for n, r in ratios.items() if not r["trusted"]],
     }
     print(f"\nCIFAR ResNet-20, batch {args.batch_size}, {args.threads} thread(s); "
-          f"{args.rounds} rounds of {args.interval} steps each (median, p10–p90)")
+          f"{args.rounds} rounds of {args.interval} steps each (median, p10–p90); AdaFisher "
+          f"backend: {backend} (requested {args.backend!r})")
     rows = [[n, common.format_spread(per_step[n], scale=1e3, digits=1),
              common.format_spread(ratios[n], digits=3, suffix="x")] for n in names]
     print(common.format_table(("optimizer", "step ms", "ratio to Adam, paired"), rows))

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+import adafisher
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import train_step  # noqa: E402
@@ -43,3 +45,19 @@ def test_each_window_of_the_default_interval_holds_one_statistics_step(tmp_path,
                      "--batch-size", "2", "--threads", "1", "--out", str(tmp_path)])
     windows = [collecting[i : i + 3] for i in range(0, len(collecting), 3)]
     assert len(windows) == 3 and all(w.count(True) == 1 for w in windows)
+
+
+def test_backend_choice_is_used_and_reported(tmp_path, capsys):
+    result = train_step.main(
+        ["--interval", "1", "--rounds", "1", "--warmup-rounds", "0", "--batch-size", "2",
+         "--threads", "1", "--backend", "torch", "--out", str(tmp_path)]
+    )
+    assert result["backend_requested"] == "torch" and result["backend"] == "torch"
+    assert "AdaFisher backend: torch (requested 'torch')" in capsys.readouterr().out
+    result = train_step.main(
+        ["--interval", "1", "--rounds", "1", "--warmup-rounds", "0", "--batch-size", "2",
+         "--threads", "1", "--out", str(tmp_path)]
+    )
+    expected = "native" if adafisher.native_available() else "torch"
+    assert result["backend_requested"] == "auto" and result["backend"] == expected
+    assert f"AdaFisher backend: {expected} (requested 'auto')" in capsys.readouterr().out

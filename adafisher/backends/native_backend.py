@@ -2,7 +2,8 @@
 (``adafisher/ops.py``), served by the compiled kernels of ``adafisher._C`` (``csrc/``).
 
 One ``fused_step`` call per (group, device) and one ``update_factors`` call per device. The
-statistics of the forward/backward passes are the torch backend's (not fused natively yet).
+statistics of the forward/backward passes go through the statistics ops
+(``native_statistics.py``): one op per layer in the forward pass, one in the backward.
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
+from torch import nn
 
 from .. import ops
-from ..factors import FactorBuffers
+from ..factors import FactorBuffers, LayerSlot
+from ..layers import LayerKind
 from ..step_plan import StepPlan
+from . import native_statistics
 from .base import GroupStep
 from .torch_backend import NORMALIZATION_EPS, TorchBackend
 
@@ -64,6 +68,34 @@ class NativeBackend(TorchBackend):
     def step_plan(self) -> StepPlan:
         """The cached, capturable step path (``step_plan.py``) through ``fused_step``."""
         return StepPlan()
+
+    # ------------------------------------------------------------------------ statistics
+    # CPU tensors take the C++ statistics ops; others (CUDA) the torch backend's statistics.
+    def input_statistic(self, kind: LayerKind, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return super().input_statistic(kind, module, x)
+        return native_statistics.input_statistic(kind, module, x)
+
+    def batchnorm_input_statistic(
+        self, module: nn.Module, output: torch.Tensor, x: torch.Tensor
+    ) -> torch.Tensor | None:
+        if x.device.type != "cpu":
+            return super().batchnorm_input_statistic(module, output, x)
+        return native_statistics.batchnorm_input_statistic(output, x)
+
+    def commit_pass(
+        self,
+        buffers: FactorBuffers,
+        slot: LayerSlot,
+        module: nn.Module,
+        h_hat: torch.Tensor,
+        grad_output: torch.Tensor,
+        batch: int,
+    ) -> None:
+        if buffers.device.type != "cpu" or grad_output.device.type != "cpu":
+            super().commit_pass(buffers, slot, module, h_hat, grad_output, batch)
+            return
+        native_statistics.commit_pass(buffers, slot, module, h_hat, grad_output, batch)
 
     def update_factors(self, buffers: FactorBuffers, gammas: Sequence[float]) -> None:
         torch.ops.adafisher.update_factors(
