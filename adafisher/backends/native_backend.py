@@ -2,8 +2,7 @@
 (``adafisher/ops.py``), served by the compiled kernels of ``adafisher._C`` (``csrc/``).
 
 One ``fused_step`` call per (group, device, factor buffer) and one ``update_factors`` call per
-device. The
-statistics of the forward/backward passes go through the statistics ops
+device. The statistics of the forward/backward passes go through the statistics ops
 (``native_statistics.py``): one op per layer in the forward pass, one in the backward.
 """
 
