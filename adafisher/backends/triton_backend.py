@@ -157,7 +157,7 @@ class TritonBackend:
 
     def step_plan(self) -> StepPlan:
         """The cached, capturable step path (``step_plan.py``) through ``triton_fused_step``."""
-        return StepPlan(torch.ops.adafisher.triton_fused_step, self._note_planned_slow_paths)
+        return StepPlan("triton_fused_step", self._note_planned_slow_paths)
 
     def _note_planned_slow_paths(self, plan: GroupPlan, grads: list) -> None:
         """When a plan is (re)built: note the parameters the op will step on the torch path
