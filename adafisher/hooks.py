@@ -54,14 +54,21 @@ def _autocast_enabled(device_type: str) -> bool:
 
 def _without_autocast_or_grad(device: torch.device, fn, *args):
     """Statistics are fp32 sums outside autograd; autocast would run the conv count matmul in
-    bf16. Contexts are entered only when needed: hooks run on every layer of every pass."""
+    bf16. Contexts are entered only when needed, and grad mode is switched without a context
+    manager object: hooks run on every layer of every pass."""
     if _autocast_enabled(device.type):
         with torch.autocast(device_type=device.type, enabled=False), torch.no_grad():
             return fn(*args)
     if torch.is_grad_enabled():
-        with torch.no_grad():
+        _set_grad_enabled(False)
+        try:
             return fn(*args)
+        finally:
+            _set_grad_enabled(True)
     return fn(*args)
+
+
+_set_grad_enabled = torch._C._set_grad_enabled
 
 
 class InertForwardHook:
@@ -179,26 +186,26 @@ class StatisticsCollector:
             self.seen_without_samples.add(layer.slot.name)  # fed nothing, by design
             return
         is_norm = kind is LayerKind.BATCHNORM or kind is LayerKind.LAYERNORM
-        h_hat = None
-        if kind is LayerKind.BATCHNORM:  # from the batch mean BatchNorm already computed
-            h_hat = _without_autocast_or_grad(
-                x.device, self.backend.batchnorm_input_statistic, module, output, x
-            )
-        if h_hat is None:
-            h_hat = _without_autocast_or_grad(
-                x.device, self.backend.input_statistic, kind, module, x
-            )
+        h_hat = _without_autocast_or_grad(x.device, self._input_statistic, kind, module, x, output)
         batch = batch_size(kind, x)
-        accumulator = _gradient_accumulator(module)
-        node = autograd_statistics.bias_gradient_node(module, output) if is_norm else None
-        if node is not None:  # Ŝ from the bias gradient the norm's backward computes anyway
-            node.register_hook(
+        node = output.grad_fn
+        accumulator = _gradient_accumulator(module, node)
+        norm_node = autograd_statistics.bias_gradient_node(module, output) if is_norm else None
+        if norm_node is not None:  # Ŝ from the bias gradient the norm's backward computes anyway
+            norm_node.register_hook(
                 functools.partial(self._on_norm_node, layer, module, h_hat, batch, accumulator)
             )
         else:
             output.register_hook(
                 functools.partial(self._on_grad, layer, module, h_hat, batch, accumulator)
             )
+
+    def _input_statistic(self, kind: LayerKind, module, x: torch.Tensor, output: torch.Tensor):
+        if kind is LayerKind.BATCHNORM:  # from the batch mean BatchNorm already computed
+            h_hat = self.backend.batchnorm_input_statistic(module, output, x)
+            if h_hat is not None:
+                return h_hat
+        return self.backend.input_statistic(kind, module, x)
 
     def _on_norm_node(self, layer: TrackedLayer, module, h_hat, batch, accumulator, grad_inputs,
                       grad_outputs):
@@ -217,20 +224,57 @@ class StatisticsCollector:
         layer.buffers.has_pending = True
 
 
-def _gradient_accumulator(module: nn.Module):
+def _gradient_accumulator(module: nn.Module, node=None):
     """The autograd node that accumulates the gradient of the layer's first trainable parameter
-    (as used by this forward), or None when there is none to ask."""
+    (as used by this forward), or None when there is none to ask. ``node`` is the grad_fn of the
+    layer's output: a leaf parameter's accumulator is found a few edges below it, which costs
+    far less than ``get_gradient_edge`` (a differentiable view per call)."""
     for name in ("weight", "bias"):
         p = getattr(module, name, None)
         if isinstance(p, torch.Tensor) and p.requires_grad:
+            if p.grad_fn is not None:
+                # computed on access (parametrizations, weight_norm): each access builds a new
+                # node, never the one in this graph; the leaves are elsewhere
+                continue
             if fsdp.is_sharded(p):
                 # FSDP2 resharded the layer after its forward: the graph used the unsharded
                 # copy, whose accumulator cannot be found from here (unknown: commit).
                 return None
-            try:
+            found = _accumulator_below(node, p)
+            if found is not None:
+                return found
+            try:  # used further down than the search goes
                 return get_gradient_edge(p).node
             except RuntimeError:
                 return None
+    return None
+
+
+_AccumulateGrad = torch._C._functions.AccumulateGrad
+_SEARCH_DEPTH = 3  # Linear on 3-D input: View → Addmm → T → AccumulateGrad
+_SEARCH_NODES = 16  # bounds the walk below nodes with many inputs (cat, stack)
+
+
+def _accumulator_below(node, param: torch.Tensor):
+    """The AccumulateGrad node of leaf ``param`` within a few edges below ``node``, or None."""
+    frontier, visited = [node], 0
+    for _ in range(_SEARCH_DEPTH):
+        below = []
+        for current in frontier:
+            if current is None:
+                continue
+            for child, _ in current.next_functions:
+                if child is None:
+                    continue
+                if type(child) is _AccumulateGrad:
+                    if child.variable is param:
+                        return child
+                    continue
+                visited += 1
+                if visited > _SEARCH_NODES:
+                    return None
+                below.append(child)
+        frontier = below
     return None
 
 

@@ -327,3 +327,91 @@ def test_torch_compile_gives_the_eager_statistics_and_steps():
     # (16 when they were traced; 5 here: with and without statistics, forward pieces)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 8
     torch._dynamo.reset()
+
+
+def _weight_norm_linear() -> nn.Module:
+    layer = nn.Linear(3, 4)
+    return nn.utils.parametrizations.weight_norm(layer)  # weight is computed: not a leaf
+
+
+@pytest.mark.parametrize(
+    "make, x_shape, autocast",
+    [
+        (lambda: nn.Conv2d(2, 3, 3, padding=1), (2, 2, 5, 5), False),
+        (lambda: nn.Conv2d(2, 3, 3, bias=False), (2, 2, 5, 5), False),
+        (lambda: nn.Conv2d(2, 3, 3), (2, 2, 5, 5), True),  # weight cast: ToCopy in between
+        (lambda: nn.Linear(3, 4), (2, 5, 3), False),  # 3-D input: View → Addmm → T
+        (lambda: nn.Linear(3, 4, bias=False), (5, 3), False),
+        (lambda: nn.Linear(3, 4), (5, 3), True),
+        (lambda: nn.BatchNorm2d(3), (4, 3, 2, 2), False),
+        (lambda: nn.LayerNorm(3), (4, 3), False),
+    ],
+)
+def test_gradient_accumulator_found_below_the_output_is_the_parameters(make, x_shape, autocast):
+    """The accumulator found by walking a few edges below the layer's output is the one
+    ``get_gradient_edge`` returns (what decides whether a backward pass commits)."""
+    from torch.autograd.graph import get_gradient_edge
+
+    from adafisher.hooks import _gradient_accumulator
+
+    torch.manual_seed(0)
+    module = make()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = module(torch.randn(x_shape))
+        found = _gradient_accumulator(module, out.grad_fn)
+        expected = get_gradient_edge(module.weight).node
+    assert found is expected
+
+
+def test_parametrized_weights_are_skipped_for_their_bias():
+    """A weight computed on access (weight_norm) has no accumulator of its own, and asking
+    ``get_gradient_edge`` builds a node outside the graph (the layer then never committed):
+    the bias's accumulator stands in, or None (unknown: commit)."""
+    from torch.autograd.graph import get_gradient_edge
+
+    from adafisher.hooks import _gradient_accumulator
+
+    layer = _weight_norm_linear()
+    out = layer(torch.randn(5, 3))
+    assert _gradient_accumulator(layer, out.grad_fn) is get_gradient_edge(layer.bias).node
+    layer.bias.requires_grad_(False)
+    assert _gradient_accumulator(layer, layer(torch.randn(5, 3)).grad_fn) is None
+
+
+def test_parametrized_weight_layers_receive_statistics():
+    """A weight-normed Linear is tracked through its bias; it used to receive no statistics."""
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 4)),
+                          nn.Tanh(), nn.Linear(4, 2))
+    opt = AdaFisher(model, factor_interval=1)
+    assert opt.tracked_layers == ["0", "2"]
+    model(torch.randn(5, 3)).pow(2).sum().backward()
+    (buffers,) = opt._buffers.values()
+    assert buffers.pending_count.tolist() == [1.0, 1.0]
+
+
+def test_gradient_accumulator_of_a_bias_only_layer_and_of_a_frozen_one():
+    from torch.autograd.graph import get_gradient_edge
+
+    from adafisher.hooks import _gradient_accumulator
+
+    layer = nn.Linear(3, 4)
+    layer.weight.requires_grad_(False)
+    out = layer(torch.randn(5, 3))
+    assert _gradient_accumulator(layer, out.grad_fn) is get_gradient_edge(layer.bias).node
+    layer.bias.requires_grad_(False)
+    assert _gradient_accumulator(layer, layer(torch.randn(5, 3)).grad_fn) is None
+
+
+def test_gradient_accumulator_search_stops_on_wide_graphs():
+    """A layer whose output sits above many branches: the bounded walk gives up and the
+    lookup falls back to ``get_gradient_edge`` (same node)."""
+    from torch.autograd.graph import get_gradient_edge
+
+    from adafisher.hooks import _accumulator_below, _gradient_accumulator
+
+    layer = nn.Linear(3, 3)
+    x = torch.randn(2, 3, requires_grad=True)
+    branches = [x * i for i in range(40)]
+    out = torch.cat([layer(torch.stack(branches).sum(0))] + branches)
+    assert _accumulator_below(out.grad_fn, layer.weight) is None
+    assert _gradient_accumulator(layer, out.grad_fn) is get_gradient_edge(layer.weight).node
