@@ -520,3 +520,44 @@ def test_activation_checkpointing_gives_the_plain_statistics(reentrant):
     for name in opt.tracked_layers:
         for ours, theirs in zip(opt.factors(name), twin_opt.factors(name)):
             torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------- the per-group path (FSDP2 shards' step)
+class MixedDtypeNet(nn.Module):
+    """fp32 and float64 layers: two factor buffers on one device."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 5)
+        self.b = nn.Linear(5, 4).double()
+        self.c = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)).double())).float())
+
+
+@pytest.mark.parametrize("backend", [
+    pytest.param("native", marks=pytest.mark.skipif(not adafisher.native_available(),
+                                                    reason="adafisher._C not built")),
+    "triton",
+])
+def test_per_group_path_steps_two_factor_buffers_of_one_device(backend):
+    """The path FSDP2 shards take (one fused call per device and factor buffer) on a model
+    with fp32 and float64 layers follows the torch backend (native used to refuse it)."""
+    torch.manual_seed(0)
+    model = MixedDtypeNet()
+    twin = copy.deepcopy(model)
+    opt = AdaFisher(model, factor_interval=2, backend=backend)
+    assert opt._plan is not None
+    opt._plan = None  # as with sharded parameters
+    expected = AdaFisher(twin, factor_interval=2, backend="torch")
+    assert len(_buffers(opt)) == 2
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x = torch.randn(6, 3, generator=gen)
+        for m, o in ((model, opt), (twin, expected)):
+            o.zero_grad()
+            m(x).pow(2).mean().backward()
+            o.step()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)

@@ -19,6 +19,7 @@ from ..layers import LayerKind
 from ..step_plan import StepPlan
 from . import native_statistics
 from .base import GroupStep
+from .step_launches import group_launches
 from .torch_backend import NORMALIZATION_EPS, TorchBackend
 
 
@@ -106,64 +107,6 @@ class NativeBackend(TorchBackend):
         buffers.has_pending = False
 
     def step(self, group: GroupStep) -> None:
-        # One launch per device; untracked parameters (F = 1) join their device's launch.
-        launches: dict[torch.device, _Launch] = {}
-        for i, param in enumerate(group.params):
-            launch = launches.get(param.device)
-            if launch is None:
-                launch = launches[param.device] = _Launch()
-            index, buffers = group.indices[i], group.buffers[i]
-            if index is not None and launch.buffers not in (None, buffers):
-                # The optimizer keeps one FactorBuffers per device.
-                raise RuntimeError("parameters of one device read two factor buffers")
-            if index is not None:
-                launch.buffers = buffers
-            launch.add(param, group.grads[i], group.exp_avgs[i], group.steps[i], index)
-        for device, launch in launches.items():
-            launch.run(device, group)
-
-
-class _Launch:
-    """The argument lists of one ``fused_step`` call."""
-
-    def __init__(self) -> None:
-        self.buffers: FactorBuffers | None = None
-        self.params: list[torch.Tensor] = []
-        self.grads: list[torch.Tensor] = []
-        self.exp_avgs: list[torch.Tensor] = []
-        self.steps: list[int] = []
-        self.layers: list[int] = []
-        self.h_offsets: list[int] = []
-        self.s_offsets: list[int] = []
-        self.rows: list[int] = []
-
-    def add(self, param, grad, exp_avg, step, index) -> None:
-        self.params.append(param)
-        self.grads.append(grad)
-        self.exp_avgs.append(exp_avg)
-        self.steps.append(step)
-        if index is None or param.numel() == 0:  # nothing to precondition (e.g. an empty shard)
-            self.layers.append(-1)
-            self.h_offsets.append(0)
-            self.s_offsets.append(0)
-            self.rows.append(1)
-        else:
-            self.layers.append(index.layer)
-            self.h_offsets.append(index.h_offset)
-            self.s_offsets.append(index.s_offset)
-            self.rows.append(index.rows)
-
-    def run(self, device: torch.device, group: GroupStep) -> None:
-        if self.buffers is not None:
-            factors, blended = self.buffers.factors, self.buffers.blended
-        else:
-            factors = torch.empty(0, device=device)
-            blended = torch.empty(0, device=device, dtype=torch.bool)
-        # The op counts the step itself: it gets the counts before this step.
-        steps = torch.tensor(self.steps, dtype=torch.float32, device=device).sub_(1).unbind()
-        lr = torch.tensor(group.lr, dtype=torch.float64, device=device)
-        torch.ops.adafisher.fused_step(
-            self.params, self.grads, self.exp_avgs, steps, factors, blended, self.layers,
-            self.h_offsets, self.s_offsets, self.rows, lr, group.beta, group.damping,
-            group.weight_decay, group.decoupled, bool(getattr(group, "maximize", False)),
-        )
+        """The per-group path (FSDP2 shards): one ``fused_step`` per (device, factor buffer)."""
+        for (device, _), launch in group_launches(group).items():
+            launch.run(torch.ops.adafisher.fused_step, device, group)

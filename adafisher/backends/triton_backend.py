@@ -25,10 +25,11 @@ from torch import nn
 
 from .. import autograd_statistics, statistics
 from ..factors import FactorBuffers, LayerSlot
-from ..layers import FactorIndex, LayerKind
+from ..layers import LayerKind
 from ..step_plan import GroupPlan, StepPlan
 from . import torch_backend
 from .base import GroupStep
+from .step_launches import group_launches
 
 
 def _kernels() -> tuple[ModuleType, ModuleType]:
@@ -175,24 +176,7 @@ class TritonBackend:
     def step(self, group: GroupStep) -> None:
         """One ``triton_fused_step`` per device. This path gets host step counts (the
         optimizer counted them): they and lr travel to the device with non-blocking copies."""
-        # One launch per (device, factor buffer): a device holds one buffer per factor dtype.
-        # Untracked parameters (F = 1) join their device's first launch.
-        first: dict[torch.device, int] = {}
-        for i, param in enumerate(group.params):
-            if group.indices[i] is not None and param.numel() > 0:
-                first.setdefault(param.device, id(group.buffers[i]))
-        launches: dict[tuple[torch.device, int | None], _Launch] = {}
-        for i, param in enumerate(group.params):
-            index, buffers = group.indices[i], group.buffers[i]
-            tracked = index is not None and param.numel() > 0
-            key = (param.device, id(buffers) if tracked else first.get(param.device))
-            launch = launches.get(key)
-            if launch is None:
-                launch = launches[key] = _Launch()
-            if tracked:
-                launch.buffers = buffers
-            launch.add(param, group.grads[i], group.exp_avgs[i], group.steps[i],
-                       index if tracked else None)
+        launches = group_launches(group)
         for (device, _), launch in launches.items():
             for position, param in enumerate(launch.params):
                 factors = launch.buffers.factors if launch.layers[position] >= 0 else param
@@ -201,7 +185,7 @@ class TritonBackend:
                                                  launch.layers[position] >= 0, factors)
                 if reason is not None:
                     self._note_slow_path(param, reason)
-            launch.run(device, group)
+            launch.run(torch.ops.adafisher.triton_fused_step, device, group)
 
     def _note_slow_path(self, param: torch.Tensor, reason: str) -> None:
         """Record a parameter updated by the per-parameter torch path; warn the first time."""
@@ -247,49 +231,3 @@ class SegmentOffsets:
         offsets = device_table(bounds, buffers.device)
         self._offsets[id(buffers)] = (weakref.ref(buffers), len(buffers.slots), offsets)
         return offsets
-
-
-class _Launch:
-    """The argument lists of one ``triton_fused_step`` call (one device of one group)."""
-
-    def __init__(self) -> None:
-        self.buffers: FactorBuffers | None = None
-        self.params: list[torch.Tensor] = []
-        self.grads: list[torch.Tensor] = []
-        self.exp_avgs: list[torch.Tensor] = []
-        self.steps: list[int] = []
-        self.layers: list[int] = []
-        self.h_offsets: list[int] = []
-        self.s_offsets: list[int] = []
-        self.rows: list[int] = []
-
-    def add(self, param, grad, exp_avg, step: int, index: FactorIndex | None) -> None:
-        self.params.append(param)
-        self.grads.append(grad)
-        self.exp_avgs.append(exp_avg)
-        self.steps.append(step)
-        self.layers.append(-1 if index is None else index.layer)
-        self.h_offsets.append(0 if index is None else index.h_offset)
-        self.s_offsets.append(0 if index is None else index.s_offset)
-        self.rows.append(1 if index is None else index.rows)
-
-    def run(self, device: torch.device, group: GroupStep) -> None:
-        if self.buffers is not None:
-            factors, blended = self.buffers.factors, self.buffers.blended
-        else:
-            factors = torch.empty(0, device=device)
-            blended = torch.empty(0, device=device, dtype=torch.bool)
-        # The op counts the step itself: it gets the counts before this step.
-        steps = _on_device([s - 1 for s in self.steps], torch.float32, device).unbind()
-        lr = _on_device([group.lr], torch.float64, device)[0]
-        torch.ops.adafisher.triton_fused_step(
-            self.params, self.grads, self.exp_avgs, list(steps), factors, blended,
-            self.layers, self.h_offsets, self.s_offsets, self.rows, lr, group.beta,
-            group.damping, group.weight_decay, group.decoupled, group.maximize,
-        )
-
-
-def _on_device(values: list[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``values`` on ``device``; on CUDA through pinned memory, without waiting."""
-    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
-    return host.to(device, non_blocking=True)
