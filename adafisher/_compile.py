@@ -13,16 +13,19 @@ def outside_compiled_graphs(fn):
 
     Why: ``torch.compiler.disable`` imports ``torch._dynamo``, which more than doubles the time of
     ``import adafisher``. While ``torch._dynamo`` is not imported nothing can be compiling, so
-    ``fn`` runs as is; once it is, calls go through the disabled wrapper (created then, once).
+    ``fn`` runs as is; once it is, traced calls go through the disabled wrapper (created once).
+    Eager calls skip the disabled wrapper (it swaps the frame evaluator on every call, and
+    ``torch.optim.Optimizer`` imports ``torch._dynamo``, so it is nearly always loaded): while
+    dynamo traces ``call``, ``is_compiling()`` is True and the traced path takes the wrapper.
     """
     disabled = None
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
         nonlocal disabled
+        if "torch._dynamo" not in sys.modules or not torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
         if disabled is None:
-            if "torch._dynamo" not in sys.modules:
-                return fn(*args, **kwargs)
             disabled = torch.compiler.disable(fn)
         return disabled(*args, **kwargs)
 

@@ -73,14 +73,14 @@ class NativeBackend(TorchBackend):
     # ------------------------------------------------------------------------ statistics
     # CPU tensors take the C++ statistics ops; others (CUDA) the torch backend's statistics.
     def input_statistic(self, kind: LayerKind, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":
+        if not x.is_cpu:
             return super().input_statistic(kind, module, x)
         return native_statistics.input_statistic(kind, module, x)
 
     def batchnorm_input_statistic(
         self, module: nn.Module, output: torch.Tensor, x: torch.Tensor
     ) -> torch.Tensor | None:
-        if x.device.type != "cpu":
+        if not x.is_cpu:
             return super().batchnorm_input_statistic(module, output, x)
         return native_statistics.batchnorm_input_statistic(output, x)
 
@@ -93,7 +93,7 @@ class NativeBackend(TorchBackend):
         grad_output: torch.Tensor,
         batch: int,
     ) -> None:
-        if buffers.device.type != "cpu" or grad_output.device.type != "cpu":
+        if buffers.device.type != "cpu" or not grad_output.is_cpu:
             super().commit_pass(buffers, slot, module, h_hat, grad_output, batch)
             return
         native_statistics.commit_pass(buffers, slot, module, h_hat, grad_output, batch)
