@@ -33,7 +33,7 @@ struct PatchDim {
 template <typename scalar_t, typename acc_t>
 struct ReduceLeaves {
   // acc[c] += Σ_{a ∈ [a_begin, a_end)} Σ_{i < len} f(x[a·sa + c·sc + i]) for c ∈ [c_begin, c_end),
-  // each run summed in 16 independent lanes (fixed order).
+  // each run summed in independent lanes (a fixed order; cpu_leaves.inc: run_sum).
   void (*runs)(acc_t* acc, const scalar_t* x, int64_t a_begin, int64_t a_end, int64_t sa,
                int64_t c_begin, int64_t c_end, int64_t sc, int64_t len);
   // For rows ∈ [row_begin, row_end), (a, r) = divmod(row, n_r):
