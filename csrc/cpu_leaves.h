@@ -10,6 +10,15 @@
 
 #include <cstdint>
 
+#if defined(_MSC_VER)  // only ever compiled for the baseline ISA
+#include <cstring>
+#define ADAFISHER_RESTRICT __restrict
+#define ADAFISHER_BIT_COPY std::memcpy
+#else
+#define ADAFISHER_RESTRICT __restrict__
+#define ADAFISHER_BIT_COPY __builtin_memcpy
+#endif
+
 namespace adafisher {
 
 // fp16 / bf16 elements as their bits (c10::Half / c10::BFloat16 have the same layout); the
