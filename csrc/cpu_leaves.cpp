@@ -17,15 +17,6 @@ StatisticLeaves baseline_statistic_leaves() { return leaves_baseline::make_leave
 
 namespace {
 
-bool cpu_has_avx2() {
-#if ADAFISHER_AVX2_LEAVES
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
-
 const StatisticLeaves* baseline_table() {
   static const StatisticLeaves table = baseline_statistic_leaves();
   return &table;
@@ -33,8 +24,13 @@ const StatisticLeaves* baseline_table() {
 
 const StatisticLeaves* avx2_table() {
 #if ADAFISHER_AVX2_LEAVES
+  // libgcc's CPU model: AVX2 and FMA reported only when the OS also saves the AVX state
+  static const bool supported = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
   static const StatisticLeaves table = avx2_statistic_leaves();
-  return cpu_has_avx2() ? &table : nullptr;
+  return supported ? &table : nullptr;
 #else
   return nullptr;
 #endif
