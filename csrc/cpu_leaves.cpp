@@ -24,13 +24,15 @@ const StatisticLeaves* baseline_table() {
 
 const StatisticLeaves* avx2_table() {
 #if ADAFISHER_AVX2_LEAVES
-  // libgcc's CPU model: AVX2 and FMA reported only when the OS also saves the AVX state
-  static const bool supported = [] {
+  // avx2_statistic_leaves() is AVX2 code itself: called only once the CPU says it may run.
+  // (libgcc's CPU model reports AVX2 and FMA only when the OS also saves the AVX state.)
+  static const StatisticLeaves* const table = []() -> const StatisticLeaves* {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return nullptr;
+    static const StatisticLeaves leaves = avx2_statistic_leaves();
+    return &leaves;
   }();
-  static const StatisticLeaves table = avx2_statistic_leaves();
-  return supported ? &table : nullptr;
+  return table;
 #else
   return nullptr;
 #endif
