@@ -1,6 +1,8 @@
 // CPU kernels of the adafisher statistics ops (schemas and semantics: adafisher/statistic_ops.py).
 // One read of each activation / output gradient, no squared temporaries, at::parallel_for.
 // Sums in fp32 for fp16/bf16/fp32 inputs and in float64 for float64 ones.
+// The innermost loops are the leaves of cpu_leaves.h (baseline and AVX2+FMA variants, one
+// picked at runtime); this file plans the work (views, tasks, partial sums) around them.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
