@@ -1,6 +1,8 @@
 // CPU kernels of the adafisher statistics ops (schemas and semantics: adafisher/statistic_ops.py).
 // One read of each activation / output gradient, no squared temporaries, at::parallel_for.
 // Sums in fp32 for fp16/bf16/fp32 inputs and in float64 for float64 ones.
+// The innermost loops are the leaves of cpu_leaves.h (baseline and AVX2+FMA variants, one
+// picked at runtime); this file plans the work (views, tasks, partial sums) around them.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -11,7 +13,10 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+
+#include "cpu_leaves.h"
 
 namespace adafisher {
 namespace {
@@ -19,7 +24,6 @@ namespace {
 constexpr int64_t kSerialElements = 1 << 15;  // below this a reduction runs on one thread
 constexpr int64_t kColumnChunk = 2048;        // accumulators of one task stay in L1
 constexpr int64_t kRowBlock = 1024;           // rows summed into one partial (bounds fp32 error)
-constexpr int kLanes = 16;                    // independent partial sums of a run reduction
 constexpr int64_t kMinTasks = 8;              // tasks a large reduction is split into at least
 constexpr int64_t kFoldLimit = 1 << 20;       // per-sample sums a channels_last reduction keeps
 
@@ -36,28 +40,45 @@ at::ScalarType acc_scalar_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-template <bool kSquare, typename acc_t>
-inline acc_t term(acc_t v) {
-  return kSquare ? v * v : v;
+// The element type the leaves (cpu_leaves.h) read for scalar_t: fp16/bf16 as their bits.
+template <typename scalar_t>
+struct LeafElement {
+  using type = scalar_t;
+};
+template <>
+struct LeafElement<c10::Half> {
+  using type = F16Bits;
+};
+template <>
+struct LeafElement<c10::BFloat16> {
+  using type = Bf16Bits;
+};
+static_assert(sizeof(c10::Half) == sizeof(F16Bits) && sizeof(c10::BFloat16) == sizeof(Bf16Bits));
+
+// The reduction leaves of the active ISA for f = square (kSquare) or identity.
+template <bool kSquare, typename scalar_t>
+const ReduceLeaves<typename LeafElement<scalar_t>::type, acc_type<scalar_t>>& reduce_leaves() {
+  const StatisticLeaves& leaves = active_statistic_leaves();
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return leaves.f32[kSquare];
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    return leaves.f64[kSquare];
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    return leaves.bf16[kSquare];
+  } else {
+    static_assert(std::is_same_v<scalar_t, c10::Half>);
+    return leaves.f16[kSquare];
+  }
 }
 
-// Σ of (squares of) n contiguous values, in kLanes independent sums (vectorizable, fixed order).
-template <bool kSquare, typename scalar_t, typename acc_t>
-inline acc_t run_sum(const scalar_t* __restrict__ x, int64_t n) {
-  acc_t lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) lanes[j] += term<kSquare>(static_cast<acc_t>(x[i + j]));
-  acc_t total = 0;
-  for (; i < n; ++i) total += term<kSquare>(static_cast<acc_t>(x[i]));
-  for (int j = 0; j < kLanes; ++j) total += lanes[j];
-  return total;
-}
-
-// acc[0, n) += (squares of) x[0, n): one contiguous row into per-column sums.
-template <bool kSquare, typename scalar_t, typename acc_t>
-inline void add_row(acc_t* __restrict__ acc, const scalar_t* __restrict__ x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) acc[i] += term<kSquare>(static_cast<acc_t>(x[i]));
+// The patch_sums leaf of the active ISA.
+template <typename acc_t>
+PatchSumsLeaf<acc_t> patch_sums_leaf() {
+  if constexpr (std::is_same_v<acc_t, double>) {
+    return active_statistic_leaves().patch_sums_f64;
+  } else {
+    return active_statistic_leaves().patch_sums_f32;
+  }
 }
 
 // A tensor seen as (A, C, R) with strides (sa, sc, sr): the reductions sum over a and r.
@@ -106,9 +127,14 @@ void channel_reduce(const scalar_t* x, const ChannelView& v, acc_t* out) {
     std::vector<acc_t> blocks(v.c * v.r);
     channel_reduce<kSquare, scalar_t, acc_t>(x, ChannelView{v.a, v.c * v.r, 1, v.sa, 1, 1},
                                              blocks.data());
-    for (int64_t r = 0; r < v.r; ++r) add_row<false>(out, blocks.data() + r * v.c, v.c);
+    for (int64_t r = 0; r < v.r; ++r) {
+      const acc_t* block = blocks.data() + r * v.c;
+      for (int64_t c = 0; c < v.c; ++c) out[c] += block[c];
+    }
     return;
   }
+  const auto& leaves = reduce_leaves<kSquare, scalar_t>();
+  const auto* leaf_x = reinterpret_cast<const typename LeafElement<scalar_t>::type*>(x);
   const bool runs = v.sr == 1 && v.r > 1;
   // rows: (a, r) pairs for column-wise sums, a for run sums
   const int64_t n_rows = runs ? v.a : v.a * v.r;
@@ -133,25 +159,9 @@ void channel_reduce(const scalar_t* x, const ChannelView& v, acc_t* out) {
     const int64_t row_end = std::min(n_rows, row_begin + rows_per_block);
     acc_t* acc = n_blocks > 1 ? partial.data() + block * v.c : out;
     if (runs) {
-      for (int64_t a = row_begin; a < row_end; ++a)
-        for (int64_t c = c_begin; c < c_end; ++c)
-          acc[c] += run_sum<kSquare, scalar_t, acc_t>(x + a * v.sa + c * v.sc, row_len);
-      return;
-    }
-    const bool contiguous_row = v.sc == 1 || v.c == 1;
-    int64_t a = row_begin / v.r, r = row_begin % v.r;
-    for (int64_t row = row_begin; row < row_end; ++row) {
-      const scalar_t* base = x + a * v.sa + r * v.sr;
-      if (contiguous_row) {
-        add_row<kSquare>(acc + c_begin, base + c_begin, c_end - c_begin);
-      } else {
-        for (int64_t c = c_begin; c < c_end; ++c)
-          acc[c] += term<kSquare>(static_cast<acc_t>(base[c * v.sc]));
-      }
-      if (++r == v.r) {
-        r = 0;
-        ++a;
-      }
+      leaves.runs(acc, leaf_x, row_begin, row_end, v.sa, c_begin, c_end, v.sc, row_len);
+    } else {
+      leaves.rows(acc, leaf_x, row_begin, row_end, v.r, v.sa, v.sr, c_begin, c_end, v.sc);
     }
   };
   const int64_t n_tasks = n_blocks * n_chunks;
@@ -262,45 +272,6 @@ struct ConvDim {
   }
 };
 
-// Sums of x2 (one channel, spatial dims d0×d1×d2 with strides) over every kernel offset's
-// positions, contracting the innermost dim first: out[k0][k1][k2].
-template <typename acc_t>
-void patch_sums(const acc_t* x2, const std::array<ConvDim, 3>& dims, acc_t* out,
-                std::vector<acc_t>& t3, std::vector<acc_t>& t2) {
-  const ConvDim &d0 = dims[0], &d1 = dims[1], &d2 = dims[2];
-  t3.assign(d0.length * d1.length * d2.kernel, acc_t(0));
-  for (int64_t l0 = 0; l0 < d0.length; ++l0)
-    for (int64_t l1 = 0; l1 < d1.length; ++l1) {
-      const acc_t* row = x2 + l0 * d0.input_stride + l1 * d1.input_stride;
-      acc_t* dst = t3.data() + (l0 * d1.length + l1) * d2.kernel;
-      for (int64_t k = 0; k < d2.kernel; ++k) {
-        acc_t s = 0;
-        const acc_t* p = row + d2.start[k] * d2.input_stride;
-        const int64_t step = d2.stride * d2.input_stride;
-        for (int64_t j = 0; j < d2.count[k]; ++j) s += p[j * step];
-        dst[k] = s;
-      }
-    }
-  t2.assign(d0.length * d1.kernel * d2.kernel, acc_t(0));
-  for (int64_t l0 = 0; l0 < d0.length; ++l0)
-    for (int64_t k1 = 0; k1 < d1.kernel; ++k1) {
-      acc_t* dst = t2.data() + (l0 * d1.kernel + k1) * d2.kernel;
-      for (int64_t j = 0; j < d1.count[k1]; ++j) {
-        const acc_t* src = t3.data() + (l0 * d1.length + d1.start[k1] + j * d1.stride) *
-                                           d2.kernel;
-        for (int64_t k2 = 0; k2 < d2.kernel; ++k2) dst[k2] += src[k2];
-      }
-    }
-  const int64_t inner = d1.kernel * d2.kernel;
-  std::fill(out, out + d0.kernel * inner, acc_t(0));
-  for (int64_t k0 = 0; k0 < d0.kernel; ++k0)
-    for (int64_t j = 0; j < d0.count[k0]; ++j) {
-      const acc_t* src = t2.data() + (d0.start[k0] + j * d0.stride) * inner;
-      acc_t* dst = out + k0 * inner;
-      for (int64_t i = 0; i < inner; ++i) dst[i] += src[i];
-    }
-}
-
 at::Tensor conv_input_statistic_cpu(const at::Tensor& input, at::IntArrayRef kernel_size,
                                     at::IntArrayRef stride, at::IntArrayRef dilation,
                                     at::IntArrayRef pad_before, at::IntArrayRef pad_after,
@@ -371,11 +342,19 @@ at::Tensor conv_input_statistic_cpu(const at::Tensor& input, at::IntArrayRef ker
     const int64_t per_channel_work = per_sample / std::max<int64_t>(1, channels) * patch;
     const int64_t grain = std::max<int64_t>(
         1, kSerialElements / std::max<int64_t>(1, per_channel_work));
+    const PatchSumsLeaf<acc_t> patch_sums = patch_sums_leaf<acc_t>();
+    std::array<PatchDim, 3> patch_dims;
+    for (int64_t d = 0; d < 3; ++d)
+      patch_dims[d] = PatchDim{dims[d].length, dims[d].kernel, dims[d].stride,
+                               dims[d].input_stride, dims[d].start.data(),
+                               dims[d].count.data()};
+    const int64_t t3_size = dims[0].length * dims[1].length * dims[2].kernel;
+    const int64_t t2_size = dims[0].length * dims[1].kernel * dims[2].kernel;
     at::parallel_for(0, channels, grain, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> t3, t2;
+      std::vector<acc_t> t3(t3_size), t2(t2_size);
       for (int64_t c = begin; c < end; ++c)
-        patch_sums<acc_t>(x2.data() + c * channel_stride, dims,
-                          per_channel.data() + c * patch, t3, t2);
+        patch_sums(x2.data() + c * channel_stride, patch_dims.data(),
+                   per_channel.data() + c * patch, t3.data(), t2.data());
     });
     acc_t* h = out.mutable_data_ptr<acc_t>();
     const double scale = 1.0 / (static_cast<double>(batch) * static_cast<double>(n_positions) *
