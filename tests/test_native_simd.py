@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from test_native_statistics import _random
 
 import adafisher
 from adafisher import statistic_ops
@@ -70,20 +71,6 @@ def poisoned_outputs():
     finally:
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         torch.utils.deterministic.fill_uninitialized_memory = fill
-
-
-def _random(shape, dtype, layout, seed) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    if layout == "strided":  # every other element of a wider tensor: no dense view
-        wide = torch.randn(*shape[:-1], 2 * shape[-1], generator=generator, dtype=torch.float64)
-        return (wide + 0.3).to(dtype)[..., ::2]
-    x = (torch.randn(*shape, generator=generator, dtype=torch.float64) + 0.3).to(dtype)
-    if layout == "channels_last":
-        return x.contiguous(memory_format=torch.channels_last if x.dim() == 4
-                            else torch.channels_last_3d)
-    if layout == "transposed":  # batch dim not outermost in memory
-        return x.transpose(0, 1).contiguous().transpose(0, 1)
-    return x
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype,
