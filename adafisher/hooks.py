@@ -224,7 +224,7 @@ class StatisticsCollector:
         layer.buffers.has_pending = True
 
 
-def _gradient_accumulator(module: nn.Module, node=None):
+def _gradient_accumulator(module: nn.Module, node):
     """The autograd node that accumulates the gradient of the layer's first trainable parameter
     (as used by this forward), or None when there is none to ask. ``node`` is the grad_fn of the
     layer's output: a leaf parameter's accumulator is found a few edges below it, which costs
@@ -251,6 +251,13 @@ def _gradient_accumulator(module: nn.Module, node=None):
 
 
 _AccumulateGrad = torch._C._functions.AccumulateGrad
+
+
+def _is_accumulator_of(node, param: torch.Tensor) -> bool:
+    """Whether ``node`` is the AccumulateGrad of leaf ``param`` (in any graph: a leaf has one)."""
+    return type(node) is _AccumulateGrad and node.variable is param
+
+
 _SEARCH_DEPTH = 3  # Linear on 3-D input: View → Addmm → T → AccumulateGrad
 _SEARCH_NODES = 16  # bounds the walk below nodes with many inputs (cat, stack)
 
@@ -266,10 +273,10 @@ def _accumulator_below(node, param: torch.Tensor):
             for child, _ in current.next_functions:
                 if child is None:
                     continue
+                if _is_accumulator_of(child, param):
+                    return child
                 if type(child) is _AccumulateGrad:
-                    if child.variable is param:
-                        return child
-                    continue
+                    continue  # another leaf's: nothing below it
                 visited += 1
                 if visited > _SEARCH_NODES:
                     return None
@@ -301,7 +308,6 @@ def _projection_input(out: torch.Tensor, out_proj: nn.Linear) -> torch.Tensor | 
     weight = out_proj.weight
     if not weight.requires_grad:
         return None
-    weight_node = get_gradient_edge(weight).node
     frontier, depth = [out.grad_fn], 0
     while frontier and depth < 4:
         nodes, frontier = frontier, []
@@ -311,7 +317,7 @@ def _projection_input(out: torch.Tensor, out_proj: nn.Linear) -> torch.Tensor | 
             saved = _MATMUL_INPUT.get(type(node).__name__)
             if saved is not None and any(
                 nxt is not None and type(nxt).__name__ == "TBackward0"
-                and nxt.next_functions[0][0] is weight_node
+                and _is_accumulator_of(nxt.next_functions[0][0], weight)
                 for nxt, _ in node.next_functions
             ):
                 try:
