@@ -36,6 +36,24 @@ def _loss(model: nn.Module, step: int) -> torch.Tensor:
     return model(x).square().mean()
 
 
+def _eager_and_compiled(models, opts, schedulers, steps: int):
+    """Trains two copies in lockstep, ``opts[0]`` eager and ``opts[1]`` through a compiled
+    ``step()``, and checks after every step (schedulers moved) that their parameters agree;
+    yields once per step."""
+    compiled_step = torch.compile(opts[1].step, backend="aot_eager")
+    for step in range(steps):
+        for model, opt in zip(models, opts):
+            opt.zero_grad()
+            _loss(model, step).backward()
+        opts[0].step()
+        compiled_step()
+        for scheduler in schedulers:
+            scheduler.step()
+        for a, b in zip(models[0].parameters(), models[1].parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        yield step
+
+
 def test_step_is_one_graph_without_breaks():
     model = _model()
     opt = AdaFisher(model, factor_interval=2)
@@ -54,17 +72,8 @@ def test_compiled_step_matches_eager_with_scheduler(cls):
     opts = [cls(m, lr=0.05, weight_decay=0.01, factor_interval=2, gammas=(0.3, 0.3))
             for m in models]
     schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in opts]
-    compiled_step = torch.compile(opts[1].step, backend="aot_eager")
-    for step in range(7):
-        for model, opt in zip(models, opts):
-            opt.zero_grad()
-            _loss(model, step).backward()
-        opts[0].step()
-        compiled_step()
-        for scheduler in schedulers:
-            scheduler.step()
-        for a, b in zip(models[0].parameters(), models[1].parameters()):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for _ in _eager_and_compiled(models, opts, schedulers, steps=7):
+        pass
     h0, s0 = opts[0].factors("4")
     h1, s1 = opts[1].factors("4")
     assert torch.equal(h0, h1) and torch.equal(s0, s1)
@@ -125,19 +134,8 @@ def test_compiled_step_compiles_a_constant_number_of_times():
     opts = [AdaFisherW(m, lr=0.05, weight_decay=0.01, factor_interval=3, gammas=(0.3, 0.3))
             for m in models]
     schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=40) for o in opts]
-    compiled_step = torch.compile(opts[1].step, backend="aot_eager")
-    counts = []
-    for step in range(24):
-        for model, opt in zip(models, opts):
-            opt.zero_grad()
-            _loss(model, step).backward()
-        opts[0].step()
-        compiled_step()
-        for scheduler in schedulers:
-            scheduler.step()
-        counts.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-        for a, b in zip(models[0].parameters(), models[1].parameters()):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    counts = [torch._dynamo.utils.counters["stats"]["unique_graphs"]
+              for _ in _eager_and_compiled(models, opts, schedulers, steps=24)]
     assert counts[-1] == counts[5] <= 4, counts  # nothing compiled after the first steps
     assert opts[1]._factor_step == 24
     h0, s0 = opts[0].factors("4")

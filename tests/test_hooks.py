@@ -9,8 +9,10 @@ import weakref
 import pytest
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 
 from adafisher import AdaFisher
+from adafisher.hooks import _accumulator_below, _gradient_accumulator
 from adafisher.layers import LayerKind
 
 import definitions as ref
@@ -350,10 +352,6 @@ def _weight_norm_linear() -> nn.Module:
 def test_gradient_accumulator_found_below_the_output_is_the_parameters(make, x_shape, autocast):
     """The accumulator found by walking a few edges below the layer's output is the one
     ``get_gradient_edge`` returns (what decides whether a backward pass commits)."""
-    from torch.autograd.graph import get_gradient_edge
-
-    from adafisher.hooks import _gradient_accumulator
-
     torch.manual_seed(0)
     module = make()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -367,10 +365,6 @@ def test_parametrized_weights_are_skipped_for_their_bias():
     """A weight computed on access (weight_norm) has no accumulator of its own, and asking
     ``get_gradient_edge`` builds a node outside the graph (the layer then never committed):
     the bias's accumulator stands in, or None (unknown: commit)."""
-    from torch.autograd.graph import get_gradient_edge
-
-    from adafisher.hooks import _gradient_accumulator
-
     layer = _weight_norm_linear()
     out = layer(torch.randn(5, 3))
     assert _gradient_accumulator(layer, out.grad_fn) is get_gradient_edge(layer.bias).node
@@ -390,10 +384,6 @@ def test_parametrized_weight_layers_receive_statistics():
 
 
 def test_gradient_accumulator_of_a_bias_only_layer_and_of_a_frozen_one():
-    from torch.autograd.graph import get_gradient_edge
-
-    from adafisher.hooks import _gradient_accumulator
-
     layer = nn.Linear(3, 4)
     layer.weight.requires_grad_(False)
     out = layer(torch.randn(5, 3))
@@ -405,10 +395,6 @@ def test_gradient_accumulator_of_a_bias_only_layer_and_of_a_frozen_one():
 def test_gradient_accumulator_search_stops_on_wide_graphs():
     """A layer whose output sits above many branches: the bounded walk gives up and the
     lookup falls back to ``get_gradient_edge`` (same node)."""
-    from torch.autograd.graph import get_gradient_edge
-
-    from adafisher.hooks import _accumulator_below, _gradient_accumulator
-
     layer = nn.Linear(3, 3)
     x = torch.randn(2, 3, requires_grad=True)
     branches = [x * i for i in range(40)]
