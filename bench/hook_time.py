@@ -10,6 +10,14 @@ ratio adafisher/plain for the forward, the backward and the whole pass (median, 
 
     python bench/hook_time.py                       # backend auto, 1 thread, 30 rounds
     python bench/hook_time.py --backend torch --out /tmp/r
+
+``--model resnet20`` times ``bench/train_step.py``'s CIFAR ResNet-20 on a full batch instead
+(``--batch-size``, default 64; use ``--threads 2``): there the statistics' own reads of every
+activation and output gradient dominate, and the forward/backward split shows where the
+interval-1 training step's overhead over Adam goes. The paired per-round differences
+(adafisher − plain, ms per pass) are reported beside the ratios.
+
+    python bench/hook_time.py --model resnet20 --threads 2 --passes 1 --rounds 60
 """
 
 from __future__ import annotations
@@ -53,9 +61,20 @@ def _timed_passes(model: nn.Module, x: torch.Tensor, passes: int) -> dict[str, f
     return {phase: seconds / passes for phase, seconds in spent.items()}
 
 
+def _nets_and_input(args: argparse.Namespace) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    if args.model == "tiny":
+        return tiny_net(args.blocks), tiny_net(args.blocks), torch.randn(2, 4, 4, 4)
+    from bench.train_step import cifar_resnet  # noqa: PLC0415 (only for this model)
+
+    nets = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        nets.append(cifar_resnet())
+    return nets[0], nets[1], torch.randn(args.batch_size or 64, 3, 32, 32)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    x = torch.randn(2, 4, 4, 4)
-    plain, hooked = tiny_net(args.blocks), tiny_net(args.blocks)
+    plain, hooked, x = _nets_and_input(args)
     optimizer = AdaFisher(hooked, factor_interval=1, backend=args.backend)
     models = {"plain": plain, "adafisher": hooked}
     samples: dict[str, dict[str, list[float]]] = {
@@ -73,22 +92,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         plain.zero_grad(set_to_none=True)
     ratios = {phase: common.paired_ratios(samples["adafisher"][phase], samples["plain"][phase])
               for phase in (*PHASES, "pass")}
+    extra_ms = {phase: common.spread([1e3 * (a - b) for a, b in zip(
+        samples["adafisher"][phase], samples["plain"][phase])]) for phase in (*PHASES, "pass")}
     result = {
+        "model": args.model, "input_shape": list(x.shape),
         "backend": optimizer.backend, "threads": args.threads, "rounds": args.rounds,
         "passes_per_round": args.passes, "tracked_layers": len(optimizer.tracked_layers),
         "ms_per_pass": {name: {phase: 1e3 * common.quantile(values, 0.5)
                                for phase, values in phases.items()}
                         for name, phases in samples.items()},
         "adafisher_vs_plain": ratios,
+        "adafisher_minus_plain_ms": extra_ms,
     }
     rows = [[phase, *(f"{result['ms_per_pass'][name][phase]:.3f}" for name in models),
-             common.format_spread(ratios[phase], digits=3, suffix="x")]
+             common.format_spread(ratios[phase], digits=3, suffix="x"),
+             common.format_spread(extra_ms[phase], digits=2)]
             for phase in (*PHASES, "pass")]
-    print(f"\nstatistics hooks, {result['tracked_layers']} tracked tiny layers, backend "
-          f"{optimizer.backend}, {args.threads} thread(s); {args.rounds} rounds of "
-          f"{args.passes} passes (median, p10–p90)")
-    print(common.format_table(["phase", "plain ms", "adafisher ms", "adafisher/plain, paired"],
-                              rows))
+    print(f"\nstatistics hooks, {args.model} net {tuple(x.shape)}, "
+          f"{result['tracked_layers']} tracked layers, backend {optimizer.backend}, "
+          f"{args.threads} thread(s); {args.rounds} rounds of {args.passes} passes "
+          "(median, p10–p90)")
+    print(common.format_table(["phase", "plain ms", "adafisher ms", "adafisher/plain, paired",
+                               "adafisher − plain ms, paired"], rows))
     common.write_json(args.out / "hook_time.json", result)
     return result
 
@@ -100,12 +125,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup-rounds", type=common.nonnegative_int, default=2)
     parser.add_argument("--passes", type=common.positive_int, default=5,
                         help="forward + backward passes per timed sample")
+    parser.add_argument("--model", choices=("tiny", "resnet20"), default="tiny",
+                        help="the tiny Python-bound net, or train_step.py's ResNet-20 at a "
+                             "full batch (default: %(default)s)")
     parser.add_argument("--blocks", type=common.positive_int, default=20,
-                        help="conv + BatchNorm + ReLU blocks (2 tracked layers each)")
+                        help="tiny net: conv + BatchNorm + ReLU blocks (2 tracked layers each)")
+    parser.add_argument("--batch-size", type=common.positive_int, default=None,
+                        help="resnet20: the batch (default: 64)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto")
     parser.add_argument("--out", type=Path, default=Path("results"),
                         help="writes OUT/hook_time.json (default: results)")
     args = parser.parse_args(argv)
+    if args.model == "tiny" and args.batch_size is not None:
+        parser.error("--batch-size applies to --model resnet20 (the tiny net's batch is 2)")
     with common.pinned_threads(args.threads):
         return run(args)
 

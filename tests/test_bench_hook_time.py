@@ -39,3 +39,21 @@ def test_every_layer_of_the_net_is_fed_each_pass():
     net(torch.randn(2, 4, 4, 4)).sum().backward()
     (buffers,) = optimizer._buffers.values()
     assert buffers.pending_count.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_resnet20_run_reports_paired_differences(tmp_path):
+    """--model resnet20 (train_step.py's net: 21 conv, 21 BatchNorm, 1 Linear), small batch."""
+    result = hook_time.main(["--model", "resnet20", "--batch-size", "2", "--rounds", "2",
+                             "--warmup-rounds", "0", "--passes", "1", "--threads", "1",
+                             "--out", str(tmp_path)])
+    assert result["model"] == "resnet20" and result["input_shape"] == [2, 3, 32, 32]
+    assert result["tracked_layers"] == 43
+    saved = json.loads((tmp_path / "hook_time.json").read_text())
+    for phase in ("forward", "backward", "pass"):
+        assert saved["adafisher_minus_plain_ms"][phase]["n"] == 2
+
+
+def test_batch_size_is_refused_for_the_tiny_net(capsys):
+    with pytest.raises(SystemExit):
+        hook_time.main(["--batch-size", "4"])
+    assert "--batch-size applies to --model resnet20" in capsys.readouterr().err
