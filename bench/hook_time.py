@@ -63,7 +63,8 @@ def _timed_passes(model: nn.Module, x: torch.Tensor, passes: int) -> dict[str, f
 
 def _nets_and_input(args: argparse.Namespace) -> tuple[nn.Module, nn.Module, torch.Tensor]:
     if args.model == "tiny":
-        return tiny_net(args.blocks), tiny_net(args.blocks), torch.randn(2, 4, 4, 4)
+        blocks = args.blocks or 20
+        return tiny_net(blocks), tiny_net(blocks), torch.randn(2, 4, 4, 4)
     from bench.train_step import cifar_resnet  # noqa: PLC0415 (only for this model)
 
     nets = []
@@ -128,8 +129,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--model", choices=("tiny", "resnet20"), default="tiny",
                         help="the tiny Python-bound net, or train_step.py's ResNet-20 at a "
                              "full batch (default: %(default)s)")
-    parser.add_argument("--blocks", type=common.positive_int, default=20,
-                        help="tiny net: conv + BatchNorm + ReLU blocks (2 tracked layers each)")
+    parser.add_argument("--blocks", type=common.positive_int, default=None,
+                        help="tiny net: conv + BatchNorm + ReLU blocks, 2 tracked layers each "
+                             "(default: 20)")
     parser.add_argument("--batch-size", type=common.positive_int, default=None,
                         help="resnet20: the batch (default: 64)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto")
@@ -138,6 +140,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.model == "tiny" and args.batch_size is not None:
         parser.error("--batch-size applies to --model resnet20 (the tiny net's batch is 2)")
+    if args.model == "resnet20" and args.blocks is not None:
+        parser.error("--blocks applies to --model tiny (ResNet-20's layout is fixed)")
     with common.pinned_threads(args.threads):
         return run(args)
 

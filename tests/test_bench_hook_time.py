@@ -53,7 +53,11 @@ def test_resnet20_run_reports_paired_differences(tmp_path):
         assert saved["adafisher_minus_plain_ms"][phase]["n"] == 2
 
 
-def test_batch_size_is_refused_for_the_tiny_net(capsys):
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--batch-size", "4"], "--batch-size applies to --model resnet20"),
+    (["--model", "resnet20", "--blocks", "3"], "--blocks applies to --model tiny"),
+])
+def test_options_of_the_other_model_are_refused(capsys, argv, message):
     with pytest.raises(SystemExit):
-        hook_time.main(["--batch-size", "4"])
-    assert "--batch-size applies to --model resnet20" in capsys.readouterr().err
+        hook_time.main(argv)
+    assert message in capsys.readouterr().err
