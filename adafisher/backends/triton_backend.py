@@ -174,8 +174,9 @@ class TritonBackend:
                     self._note_slow_path(param, reason)
 
     def step(self, group: GroupStep) -> None:
-        """One ``triton_fused_step`` per device. This path gets host step counts (the
-        optimizer counted them): they and lr travel to the device with non-blocking copies."""
+        """One ``triton_fused_step`` per (device, factor buffer). This path gets host step
+        counts (the optimizer counted them): they and lr travel to the device with non-blocking
+        copies."""
         launches = group_launches(group)
         for (device, _), launch in launches.items():
             for position, param in enumerate(launch.params):
