@@ -10,7 +10,9 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
+#include "cpu_leaves.h"
 #include "layout.h"
 
 namespace adafisher {
@@ -22,32 +24,38 @@ template <typename opmath_t>
 struct StepCoefficients {
   opmath_t beta;
   opmath_t one_minus_beta;
+  opmath_t sign;         // −1 when maximizing, else 1 (a product by ±1 is exact)
   opmath_t l2;           // wd when the decay is L2, else 0
   opmath_t decay;        // 1 − lr·wd when decoupled, else 1
   opmath_t neg_step;     // −lr / (1 − βᵗ)
-  bool maximize;
-  bool use_l2;
-  bool use_decay;
 };
 
-template <typename scalar_t, typename opmath_t>
+// The weight decay of a step: none, L2 (added to the gradient) or decoupled (scales p).
+enum class Decay { kNone = 0, kL2 = 1, kDecoupled = 2 };  // StepScalars::decay_kind
+
+// One element. The decay is a template argument, so the loops below hold no branch and
+// vectorize (a runtime flag per element kept them scalar).
+template <Decay kDecay, bool kHasF, typename scalar_t, typename opmath_t>
 inline void update_element(scalar_t* p, const scalar_t* g, scalar_t* m, int64_t i,
-                           const StepCoefficients<opmath_t>& c, opmath_t f, bool has_f) {
+                           const StepCoefficients<opmath_t>& c, opmath_t f) {
   opmath_t pv = static_cast<opmath_t>(p[i]);
-  opmath_t gv = static_cast<opmath_t>(g[i]);
+  opmath_t gv = static_cast<opmath_t>(g[i]) * c.sign;
   opmath_t mv = static_cast<opmath_t>(m[i]);
-  if (c.maximize) gv = -gv;
-  if (c.use_l2) gv = gv + c.l2 * pv;
+  if constexpr (kDecay == Decay::kL2) gv = gv + c.l2 * pv;
   mv = mv * c.beta + c.one_minus_beta * gv;
-  if (c.use_decay) pv = pv * c.decay;
-  pv = has_f ? pv + c.neg_step * mv / f : pv + c.neg_step * mv;
+  if constexpr (kDecay == Decay::kDecoupled) pv = pv * c.decay;
+  if constexpr (kHasF) {
+    pv = pv + c.neg_step * mv / f;
+  } else {
+    pv = pv + c.neg_step * mv;
+  }
   p[i] = static_cast<scalar_t>(pv);
   m[i] = static_cast<scalar_t>(mv);
 }
 
 // Elements [begin, end) in memory order of one parameter viewed as (rows, cols); ``inner`` is
 // the length of the innermost memory run of a row (cols when row-major, C_in for channels_last).
-template <typename scalar_t, typename factor_t>
+template <Decay kDecay, typename scalar_t, typename factor_t>
 void update_range(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
                   scalar_t* __restrict__ m, int64_t begin, int64_t end,
                   const factor_t* __restrict__ s, const factor_t* __restrict__ h, int64_t cols,
@@ -55,7 +63,8 @@ void update_range(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
                   const StepCoefficients<at::opmath_type<scalar_t>>& c) {
   using opmath_t = at::opmath_type<scalar_t>;
   if (s == nullptr) {
-    for (int64_t i = begin; i < end; ++i) update_element(p, g, m, i, c, opmath_t(1), false);
+    for (int64_t i = begin; i < end; ++i)
+      update_element<kDecay, false>(p, g, m, i, c, opmath_t(1));
     return;
   }
   const int64_t per_inner = inner > 0 ? cols / inner : 0;
@@ -69,12 +78,12 @@ void update_range(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
     if (inner == cols) {
       for (int64_t j = j0; j < j1; ++j) {
         const factor_t f = sr * h[j] + damping;
-        update_element(p, g, m, base + j, c, static_cast<opmath_t>(f), true);
+        update_element<kDecay, true>(p, g, m, base + j, c, static_cast<opmath_t>(f));
       }
     } else {
       for (int64_t j = j0; j < j1; ++j) {
         const factor_t f = sr * h[(j % inner) * per_inner + j / inner] + damping;
-        update_element(p, g, m, base + j, c, static_cast<opmath_t>(f), true);
+        update_element<kDecay, true>(p, g, m, base + j, c, static_cast<opmath_t>(f));
       }
     }
     i += j1 - j0;
@@ -120,9 +129,7 @@ void step_one(const at::Tensor& param, const at::Tensor& grad, const at::Tensor&
     StepCoefficients<opmath_t> c;
     c.beta = static_cast<opmath_t>(beta);
     c.one_minus_beta = static_cast<opmath_t>(1.0 - beta);
-    c.maximize = maximize;
-    c.use_l2 = weight_decay != 0 && !decoupled;
-    c.use_decay = weight_decay != 0 && decoupled;
+    c.sign = maximize ? opmath_t(-1) : opmath_t(1);
     c.l2 = static_cast<opmath_t>(weight_decay);
     c.decay = static_cast<opmath_t>(1.0 - lr * weight_decay);
     c.neg_step = static_cast<opmath_t>(-lr / (1.0 - std::pow(beta, step)));
@@ -130,8 +137,31 @@ void step_one(const at::Tensor& param, const at::Tensor& grad, const at::Tensor&
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     scalar_t* mp = m.mutable_data_ptr<scalar_t>();
     const factor_t damping_f = static_cast<factor_t>(damping);
+    const Decay decay = weight_decay == 0 ? Decay::kNone
+                        : decoupled      ? Decay::kDecoupled
+                                         : Decay::kL2;
+    if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<factor_t, float>) {
+      if (s == nullptr || inner == cols) {  // the common case: the leaf of the CPU's ISA
+        StepScalars leaf_c{c.beta, c.one_minus_beta, c.sign, c.l2, c.decay, c.neg_step,
+                           damping_f, static_cast<int>(decay)};
+        const StepLeafF32 leaf = active_statistic_leaves().step_f32;
+        at::parallel_for(0, numel, kStepGrain, [&](int64_t begin, int64_t end) {
+          leaf(pp, gp, mp, begin, end, s, h, cols, leaf_c);
+        });
+        return;
+      }
+    }
     at::parallel_for(0, numel, kStepGrain, [&](int64_t begin, int64_t end) {
-      update_range<scalar_t, factor_t>(pp, gp, mp, begin, end, s, h, cols, inner, damping_f, c);
+      if (decay == Decay::kNone) {
+        update_range<Decay::kNone, scalar_t, factor_t>(pp, gp, mp, begin, end, s, h, cols,
+                                                       inner, damping_f, c);
+      } else if (decay == Decay::kL2) {
+        update_range<Decay::kL2, scalar_t, factor_t>(pp, gp, mp, begin, end, s, h, cols, inner,
+                                                     damping_f, c);
+      } else {
+        update_range<Decay::kDecoupled, scalar_t, factor_t>(pp, gp, mp, begin, end, s, h,
+                                                            cols, inner, damping_f, c);
+      }
     });
   });
   if (!p.is_same(param)) param.copy_(p);

@@ -1,4 +1,4 @@
-// The innermost loops of the CPU statistics kernels ("leaves"), compiled twice: for the baseline
+// The innermost loops of the CPU statistics and step kernels ("leaves"), compiled twice: for the baseline
 // ISA of the build (cpu_leaves.cpp) and, on x86-64 with GCC/Clang, for AVX2+FMA
 // (cpu_leaves_avx2.cpp). One variant is picked at runtime from what the CPU supports.
 //
@@ -58,8 +58,26 @@ template <typename acc_t>
 using PatchSumsLeaf = void (*)(const acc_t* x2, const PatchDim* dims, acc_t* out, acc_t* t3,
                                acc_t* t2);
 
-struct StatisticLeaves {
+// The coefficients of one fp32 parameter's step (cpu_kernels.cpp: step_one), fp32 math.
+struct StepScalars {
+  float beta, one_minus_beta;
+  float sign;      // −1 when maximizing, else 1 (a product by ±1 is exact)
+  float l2;        // the L2 weight decay added to the gradient (decay_kind 1)
+  float decay;     // 1 − lr·wd, scaling p (decay_kind 2)
+  float neg_step;  // −lr / (1 − βᵗ)
+  float damping;   // λ
+  int decay_kind;  // 0: none, 1: L2, 2: decoupled
+};
+
+// The fused step on elements [begin, end) of a row-major fp32 parameter seen as (rows, cols)
+// with fp32 factors: m ← β·m + (1 − β)·g', p ← p − step·m / (s[r]·h[c] + λ) (no division when
+// s is null: the layer has no factors yet). p and m are updated in place.
+using StepLeafF32 = void (*)(float* p, const float* g, float* m, int64_t begin, int64_t end,
+                             const float* s, const float* h, int64_t cols, const StepScalars& c);
+
+struct StatisticLeaves {  // (and the step leaf: one table per ISA)
   const char* isa;
+  StepLeafF32 step_f32;
   ReduceLeaves<float, float> f32[2];
   ReduceLeaves<double, double> f64[2];
   ReduceLeaves<Bf16Bits, float> bf16[2];

@@ -1,6 +1,6 @@
 // The Python module adafisher._C. Importing it runs the static TORCH_LIBRARY_IMPL registrations
 // of the kernels; the op schemas themselves are defined in adafisher/ops.py.
-// It also exposes which variant of the CPU statistics leaves runs (cpu_leaves.h):
+// It also exposes which variant of the CPU statistics and step leaves runs (cpu_leaves.h):
 //   cpu_isa() -> "baseline" | "avx2"        the active one (the best the CPU supports at import)
 //   cpu_isas() -> tuple of names             the ones this CPU and build support
 //   set_cpu_isa(name) -> previous name       force one (tests and benchmarks; restore it after)

@@ -273,3 +273,85 @@ def test_conv_isas_agree_closely(conv, layout, dtype):
     got = _both(lambda: _ops.conv_input_statistic(x, *args))
     tol = 1e-14 if dtype == torch.float64 else 1e-6
     torch.testing.assert_close(got["avx2"], got["baseline"], rtol=tol, atol=0)
+
+
+# ------------------------------------------------------------------------------ the fused step
+# fp32 parameters with fp32 factors step through the leaves (one loop per ISA); the other
+# dtypes and layouts take cpu_kernels.cpp's own loops, covered in test_native_ops.py.
+STEP_SETTINGS = [  # weight_decay, decoupled, maximize
+    pytest.param(0.0, False, False, id="no-decay"),
+    pytest.param(0.05, False, False, id="l2"),
+    pytest.param(0.05, True, False, id="decoupled"),
+    pytest.param(0.05, False, True, id="l2-maximize"),
+    pytest.param(0.0, True, True, id="maximize"),
+]
+
+
+def _fused_step(case, steps, lr, beta, damping, weight_decay, decoupled, maximize):
+    params, grads, exp_avgs, factors, blended, layers, h_offsets, s_offsets, rows = case
+    counts = [torch.tensor(float(s - 1)) for s in steps]  # the op counts +1
+    _ops.fused_step(params, grads, exp_avgs, counts, factors, blended, layers, h_offsets,
+                    s_offsets, rows, torch.tensor(lr, dtype=torch.float64), beta, damping,
+                    weight_decay, decoupled, maximize)
+    assert [c.item() for c in counts] == steps
+
+
+def _step_case(layout: str, seed: int):
+    from test_native_ops import _case
+
+    return _case(torch.float32, layout, "cpu", torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "channels_last"])
+@pytest.mark.parametrize(("weight_decay", "decoupled", "maximize"), STEP_SETTINGS)
+def test_fused_step_matches_torch_backend(isa, layout, weight_decay, decoupled, maximize):
+    """Odd sizes, layers with and without factors, untracked and empty parameters."""
+    from test_native_ops import _expected
+
+    case = _step_case(layout, seed=len(layout))
+    steps = [1 + 2 * i for i in range(len(case[0]))]
+    settings = (0.01, 0.9, 1e-3, weight_decay, decoupled, maximize)
+    want_p, want_m = _expected(case, steps, *settings)
+    with cpu_isa(isa):
+        _fused_step(case, steps, *settings)
+    for got, want in zip(case[0] + case[2], want_p + want_m):
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("weight_decay", "decoupled", "maximize"), STEP_SETTINGS)
+def test_fused_step_over_many_tasks_matches_torch_backend(isa, weight_decay, decoupled,
+                                                          maximize):
+    """100 007 elements: several parallel tasks, rows split between tasks, a vector tail."""
+    from adafisher.functional import adafisher_update, preconditioner
+
+    generator = torch.Generator().manual_seed(5)
+    rows, cols = 97, 1031
+    p = torch.randn(rows, cols, generator=generator)
+    g, m = torch.randn_like(p), torch.randn_like(p)
+    factors = torch.rand(rows + cols, generator=generator)
+    want_p, want_m = p.clone(), m.clone()
+    fisher = preconditioner(factors[cols:], factors[:cols], 1e-3, p.shape)
+    adafisher_update(want_p, -g if maximize else g, want_m, 7, fisher, lr=0.1, beta=0.8,
+                     weight_decay=weight_decay, decoupled=decoupled)
+    case = ([p], [g], [m], factors, torch.ones(2, dtype=torch.bool), [0], [0], [cols], [rows])
+    with cpu_isa(isa):
+        _fused_step(case, [7], 0.1, 0.8, 1e-3, weight_decay, decoupled, maximize)
+    torch.testing.assert_close(p, want_p, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(m, want_m, rtol=2e-6, atol=2e-6)
+
+
+@needs_avx2
+@pytest.mark.parametrize(("weight_decay", "decoupled", "maximize"), STEP_SETTINGS)
+def test_fused_step_isas_agree_closely(weight_decay, decoupled, maximize):
+    """The same operations in the same order: the variants differ by FMA rounding only."""
+    results = {}
+    for isa in SUPPORTED:
+        case = _step_case("contiguous", seed=11)
+        with cpu_isa(isa):
+            _fused_step(case, [3] * len(case[0]), 0.01, 0.9, 1e-3, weight_decay, decoupled,
+                        maximize)
+        results[isa] = case[0] + case[2]
+    for avx2, baseline in zip(results["avx2"], results["baseline"]):
+        torch.testing.assert_close(avx2, baseline, rtol=1e-6, atol=1e-7)
