@@ -16,6 +16,7 @@ installs without the extension; ``adafisher.native_available()`` then says why).
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,6 +34,30 @@ def _flag(name):
 
 def _note(message):
     print(f"adafisher setup: {message}", file=sys.stderr)
+
+
+def _openmp_arguments(compiler, torch):
+    """``(compile args, link args, why not)`` that let ``at::parallel_for`` use threads.
+
+    ATen's ``at::parallel_for`` is a header template: built without ``-fopenmp`` it runs its body
+    inline, so every kernel of ``adafisher._C`` would run on one thread whatever
+    ``torch.set_num_threads`` says. GCC's OpenMP (libgomp) is what torch's Linux wheels use; the
+    extension links the libgomp torch ships, so both share one thread pool (and
+    ``torch.set_num_threads`` governs it). Other compilers and platforms build without OpenMP
+    (their OpenMP runtime would not be torch's), and the build says so."""
+    if not torch.backends.openmp.is_available():
+        return [], [], "torch is built without OpenMP"
+    if not sys.platform.startswith("linux"):
+        return [], [], f"OpenMP is only used on Linux, not {sys.platform}"
+    try:
+        macros = subprocess.run([compiler, "-dM", "-E", "-x", "c++", os.devnull],
+                                capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        return [], [], f"could not query the compiler ({exc})"
+    if "__GNUC__" not in macros or "__clang__" in macros:
+        return [], [], f"{compiler!r} is not GCC (torch's OpenMP runtime is GCC's libgomp)"
+    torch_gomp = sorted(Path(torch.__file__).parent.joinpath("lib").glob("libgomp*.so*"))
+    return ["-fopenmp"], [str(torch_gomp[0])] if torch_gomp else ["-fopenmp"], None
 
 
 def native_extensions():
@@ -65,16 +90,20 @@ def native_extensions():
         raise SystemExit("ADAFISHER_BUILD_CUDA=1 needs a CUDA build of torch and a CUDA toolkit "
                          "(CUDA_HOME)")
     use_cuda = has_cuda if want_cuda is None else want_cuda
-    cxx = ["-O3"]
+    openmp_compile, openmp_link, no_openmp = _openmp_arguments(compiler, torch)
+    cxx = ["-O3", *openmp_compile]
     if use_cuda:
         ext = cpp_extension.CUDAExtension(
             "adafisher._C", sources + cuda_sources,
             define_macros=[("ADAFISHER_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]}, extra_link_args=openmp_link,
         )
     else:
-        ext = cpp_extension.CppExtension("adafisher._C", sources, extra_compile_args=cxx)
+        ext = cpp_extension.CppExtension("adafisher._C", sources, extra_compile_args=cxx,
+                                         extra_link_args=openmp_link)
     _note(f"building adafisher._C ({'CPU + CUDA' if use_cuda else 'CPU'})")
+    if no_openmp:
+        _note(f"without OpenMP ({no_openmp}): the C++ CPU kernels run on one thread")
 
     class BuildExtension(cpp_extension.BuildExtension):
         """A failed optional build leaves the pure-PyTorch package instead of failing."""

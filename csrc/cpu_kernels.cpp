@@ -10,6 +10,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <mutex>
+#include <set>
 #include <type_traits>
 
 #include "cpu_leaves.h"
@@ -268,6 +270,18 @@ void update_factors_cpu(const at::Tensor& factors, const at::Tensor& pending,
 }
 
 }  // namespace
+
+// The distinct threads one at::parallel_for runs its chunks on (module.cpp: parallel_threads).
+// ATen's parallel_for is a header template: built without OpenMP it runs inline, on one.
+int parallel_region_threads() {
+  std::mutex mutex;
+  std::set<int> threads;
+  at::parallel_for(0, 1 << 16, 1, [&](int64_t, int64_t) {
+    std::lock_guard<std::mutex> lock(mutex);
+    threads.insert(at::get_thread_num());
+  });
+  return static_cast<int>(threads.size());
+}
 
 TORCH_LIBRARY_IMPL(adafisher, CPU, m) {
   m.impl("fused_step", &fused_step_cpu);

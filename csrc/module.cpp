@@ -4,6 +4,9 @@
 //   cpu_isa() -> "baseline" | "avx2"        the active one (the best the CPU supports at import)
 //   cpu_isas() -> tuple of names             the ones this CPU and build support
 //   set_cpu_isa(name) -> previous name       force one (tests and benchmarks; restore it after)
+// and how the kernels' at::parallel_for runs: WITH_OPENMP (built with OpenMP; without it,
+// ATen's parallel_for runs inline on one thread) and parallel_threads() (threads one region
+// runs on now).
 #include <Python.h>
 
 #include "cpu_leaves.h"
@@ -11,6 +14,14 @@
 #ifndef ADAFISHER_WITH_CUDA
 #define ADAFISHER_WITH_CUDA 0
 #endif
+
+namespace adafisher {
+int parallel_region_threads();  // cpu_kernels.cpp
+}
+
+static PyObject* parallel_threads(PyObject*, PyObject*) {
+  return PyLong_FromLong(adafisher::parallel_region_threads());
+}
 
 static PyObject* cpu_isa(PyObject*, PyObject*) {
   return PyUnicode_FromString(adafisher::active_cpu_isa());
@@ -44,6 +55,9 @@ static PyObject* set_cpu_isa(PyObject*, PyObject* args) {
 }
 
 static PyMethodDef adafisher_methods[] = {
+    {"parallel_threads", parallel_threads, METH_NOARGS,
+     "The threads one at::parallel_for of these kernels runs on now (1 when built without "
+     "OpenMP)."},
     {"cpu_isa", cpu_isa, METH_NOARGS, "The ISA of the CPU statistics leaves in use."},
     {"cpu_isas", cpu_isas, METH_NOARGS, "The ISAs this CPU and build support."},
     {"set_cpu_isa", set_cpu_isa, METH_VARARGS,
@@ -55,6 +69,12 @@ static struct PyModuleDef adafisher_module = {PyModuleDef_HEAD_INIT, "_C", nullp
 
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* module = PyModule_Create(&adafisher_module);
+#ifdef _OPENMP
+  constexpr int with_openmp = 1;
+#else
+  constexpr int with_openmp = 0;
+#endif
   if (module != nullptr) PyModule_AddIntConstant(module, "WITH_CUDA", ADAFISHER_WITH_CUDA);
+  if (module != nullptr) PyModule_AddIntConstant(module, "WITH_OPENMP", with_openmp);
   return module;
 }
