@@ -212,28 +212,38 @@ def test_isas_agree_closely(case, dtype):
     torch.testing.assert_close(sums["avx2"], sums["baseline"], rtol=tol, atol=0)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _same_bits_at_1_and_3_threads(isa: str, run) -> None:
+    """run() → tensors, under ISA ``isa`` at 1 and at 3 threads: the same bits."""
+    results = []
+    with cpu_isa(isa):
+        for n in (1, 3):
+            with torch_threads(n):
+                results.append(run())
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_results_do_not_depend_on_the_thread_count(isa):
     """Large enough to be split into tasks: the same bits at 1 and 3 threads."""
     x = _random((96, 16, 20, 20), torch.float32, "contiguous", seed=11)
     y = _random((96, 16, 20, 20), torch.float32, "channels_last", seed=12)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        with cpu_isa(isa):
-            for n in (1, 3):
-                torch.set_num_threads(n)
-                results.append((
-                    _ops.channel_sum_of_squares(x, 1, 2, 1.0, False),
-                    _ops.channel_sum_of_squares(y, 1, 2, 1.0, False),
-                    _ops.conv_input_statistic(x, [3, 3], [1, 1], [1, 1], [1, 1], [1, 1], 1,
-                                              False),
-                    _ops.conv_input_statistic(y, [3, 3], [2, 2], [1, 1], [1, 1], [1, 1], 2,
-                                              True)))
-    finally:
-        torch.set_num_threads(threads)
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+    _same_bits_at_1_and_3_threads(isa, lambda: (
+        _ops.channel_sum_of_squares(x, 1, 2, 1.0, False),
+        _ops.channel_sum_of_squares(y, 1, 2, 1.0, False),
+        _ops.conv_input_statistic(x, [3, 3], [1, 1], [1, 1], [1, 1], [1, 1], 1, False),
+        _ops.conv_input_statistic(y, [3, 3], [2, 2], [1, 1], [1, 1], [1, 1], 2, True),
+    ))
 
 
 @pytest.mark.skipif(
@@ -245,13 +255,9 @@ def test_kernels_run_on_torchs_threads():
     links torch's own OpenMP runtime, so torch.set_num_threads governs the kernels. (A build
     with another compiler than GCC has no OpenMP and fails here, on purpose.)"""
     assert _C.WITH_OPENMP == 1
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 3):
-            torch.set_num_threads(n)
+    for n in (1, 3):
+        with torch_threads(n):
             assert _C.parallel_threads() == n
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -263,24 +269,17 @@ def test_step_and_commit_do_not_depend_on_the_thread_count(isa):
     start = [torch.randn(rows, cols, generator=generator) for _ in range(3)]
     factors = torch.rand(rows + cols, generator=generator)
     grad_output = _random((48, 24, 17, 19), torch.float32, "contiguous", seed=4)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        with cpu_isa(isa):
-            for n in (1, 3):
-                torch.set_num_threads(n)
-                p, g, m = (t.clone() for t in start)
-                case = ([p], [g], [m], factors, torch.ones(2, dtype=torch.bool), [0], [0],
-                        [cols], [rows])
-                _fused_step(case, [4], 0.01, 0.9, 1e-3, 0.05, True, False)
-                pending, count = torch.zeros(64), torch.zeros(1)
-                _ops.commit_statistics(pending, count, torch.ones(3), grad_output, 0, 0, 8, 1,
-                                       2, False, 0.5)
-                results.append((p, m, pending))
-    finally:
-        torch.set_num_threads(threads)
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+
+    def step_and_commit():
+        p, g, m = (t.clone() for t in start)
+        case = ([p], [g], [m], factors, torch.ones(2, dtype=torch.bool), [0], [0], [cols], [rows])
+        _fused_step(case, [4], 0.01, 0.9, 1e-3, 0.05, True, False)
+        pending, count = torch.zeros(64), torch.zeros(1)
+        _ops.commit_statistics(pending, count, torch.ones(3), grad_output, 0, 0, 8, 1, 2, False,
+                               0.5)
+        return p, m, pending
+
+    _same_bits_at_1_and_3_threads(isa, step_and_commit)
 
 
 # ------------------------------------------------------------------------------- conv Ĥ
