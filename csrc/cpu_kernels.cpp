@@ -32,9 +32,6 @@ struct StepCoefficients {
   opmath_t neg_step;     // −lr / (1 − βᵗ)
 };
 
-// The weight decay of a step: none, L2 (added to the gradient) or decoupled (scales p).
-enum class Decay { kNone = 0, kL2 = 1, kDecoupled = 2 };  // StepScalars::decay_kind
-
 // One element. The decay is a template argument, so the loops below hold no branch and
 // vectorize (a runtime flag per element kept them scalar).
 template <Decay kDecay, bool kHasF, typename scalar_t, typename opmath_t>
@@ -145,7 +142,7 @@ void step_one(const at::Tensor& param, const at::Tensor& grad, const at::Tensor&
     if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<factor_t, float>) {
       if (s == nullptr || inner == cols) {  // the common case: the leaf of the CPU's ISA
         StepScalars leaf_c{c.beta, c.one_minus_beta, c.sign, c.l2, c.decay, c.neg_step,
-                           damping_f, static_cast<int>(decay)};
+                           damping_f, decay};
         const StepLeafF32 leaf = active_statistic_leaves().step_f32;
         at::parallel_for(0, numel, kStepGrain, [&](int64_t begin, int64_t end) {
           leaf(pp, gp, mp, begin, end, s, h, cols, leaf_c);

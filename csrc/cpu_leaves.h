@@ -1,5 +1,5 @@
-// The innermost loops of the CPU statistics and step kernels ("leaves"), compiled twice: for the baseline
-// ISA of the build (cpu_leaves.cpp) and, on x86-64 with GCC/Clang, for AVX2+FMA
+// The innermost loops of the CPU statistics and step kernels ("leaves"), compiled twice: for the
+// baseline ISA of the build (cpu_leaves.cpp) and, on x86-64 with GCC/Clang, for AVX2+FMA
 // (cpu_leaves_avx2.cpp). One variant is picked at runtime from what the CPU supports.
 //
 // The leaves see raw pointers and integers only, and this header declares plain structs and
@@ -58,15 +58,18 @@ template <typename acc_t>
 using PatchSumsLeaf = void (*)(const acc_t* x2, const PatchDim* dims, acc_t* out, acc_t* t3,
                                acc_t* t2);
 
+// The weight decay of a step: none, L2 (added to the gradient) or decoupled (scales p).
+enum class Decay { kNone, kL2, kDecoupled };
+
 // The coefficients of one fp32 parameter's step (cpu_kernels.cpp: step_one), fp32 math.
 struct StepScalars {
   float beta, one_minus_beta;
   float sign;      // −1 when maximizing, else 1 (a product by ±1 is exact)
-  float l2;        // the L2 weight decay added to the gradient (decay_kind 1)
-  float decay;     // 1 − lr·wd, scaling p (decay_kind 2)
+  float l2;        // the L2 weight decay added to the gradient (Decay::kL2)
+  float decay;     // 1 − lr·wd, scaling p (Decay::kDecoupled)
   float neg_step;  // −lr / (1 − βᵗ)
   float damping;   // λ
-  int decay_kind;  // 0: none, 1: L2, 2: decoupled
+  Decay decay_kind;
 };
 
 // The fused step on elements [begin, end) of a row-major fp32 parameter seen as (rows, cols)
