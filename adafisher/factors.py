@@ -42,7 +42,8 @@ class FactorBuffers:
     blended: torch.Tensor | None = None  # bool [2·n_layers]: segment blended at least once
     nonfinite: torch.Tensor | None = None  # int64 [2·n_layers]: discarded non-finite stats
     segment_ids: torch.Tensor | None = None  # int64 [total]: segment of each element
-    # Host-side mirror of "some statistics are pending", so steps without any launch nothing.
+    # Host-side "some statistics may be pending", so steps without any launch nothing. Set when
+    # a pass commits, or when one is hooked to commit natively (it may never: no backward).
     has_pending: bool = False
 
     @property

@@ -8,6 +8,11 @@ value. A pass whose backward never reaches the layer commits nothing, and neithe
 that does not accumulate the layer's parameter gradients (``torch.autograd.grad`` with respect
 to inputs, ``backward(inputs=...)`` without them): statistics follow what ``step()`` consumes.
 
+A backend may take both halves natively (``Backend.hook_commit``; the native backend on CPU):
+the forward hook then registers a C++ hook on the same tensor or node, with the same rules,
+and the backward runs no Python for statistics. Compiled autograd traces Python hooks only, so
+while it is on the Python hooks are used.
+
 ``MultiheadAttention`` applies its ``out_proj`` functionally, so that Linear's own hooks never
 fire: a forward hook on the attention module reads the projection's input from what autograd
 saved for its matmul, and the gradient of the attention output is the projection's.
@@ -21,6 +26,7 @@ inert no-op: model copies never feed, or fail on, the original optimizer.
 from __future__ import annotations
 
 import functools
+import sys
 import weakref
 from dataclasses import dataclass
 
@@ -186,11 +192,15 @@ class StatisticsCollector:
             self.seen_without_samples.add(layer.slot.name)  # fed nothing, by design
             return
         is_norm = kind is LayerKind.BATCHNORM or kind is LayerKind.LAYERNORM
-        h_hat = _without_autocast_or_grad(x.device, self._input_statistic, kind, module, x, output)
         batch = batch_size(kind, x)
-        node = output.grad_fn
-        accumulator = _gradient_accumulator(module, node)
         norm_node = autograd_statistics.bias_gradient_node(module, output) if is_norm else None
+        if not _compiled_autograd_on() and _without_autocast_or_grad(
+            x.device, self.backend.hook_commit, layer.buffers, layer.slot, module, x, output,
+            batch, _accumulated_parameter(module), norm_node is not None,
+        ):
+            return  # the backend's native autograd hook commits the pass
+        h_hat = _without_autocast_or_grad(x.device, self._input_statistic, kind, module, x, output)
+        accumulator = _gradient_accumulator(module, output.grad_fn)
         if norm_node is not None:  # Ŝ from the bias gradient the norm's backward computes anyway
             norm_node.register_hook(
                 functools.partial(self._on_norm_node, layer, module, h_hat, batch, accumulator)
@@ -224,11 +234,20 @@ class StatisticsCollector:
         layer.buffers.has_pending = True
 
 
-def _gradient_accumulator(module: nn.Module, node):
-    """The autograd node that accumulates the gradient of the layer's first trainable parameter
-    (as used by this forward), or None when there is none to ask. ``node`` is the grad_fn of the
-    layer's output: a leaf parameter's accumulator is found a few edges below it, which costs
-    far less than ``get_gradient_edge`` (a differentiable view per call)."""
+def _compiled_autograd_on() -> bool:
+    """Whether a backward may run under compiled autograd, which traces Python hooks only (a
+    backend's native hooks would refuse it). Cheap when torch._dynamo was never imported."""
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is None:
+        return False
+    compiled_autograd = sys.modules.get("torch._dynamo.compiled_autograd")
+    return bool(dynamo.config.compiled_autograd) or bool(
+        getattr(compiled_autograd, "compiled_autograd_enabled", False))
+
+
+def _accumulated_parameter(module: nn.Module) -> torch.Tensor | None:
+    """The layer's first trainable leaf parameter, whose gradient accumulation tells whether a
+    backward counts for ``step()``; None when there is none to ask (unknown: commit)."""
     for name in ("weight", "bias"):
         p = getattr(module, name, None)
         if isinstance(p, torch.Tensor) and p.requires_grad:
@@ -240,14 +259,25 @@ def _gradient_accumulator(module: nn.Module, node):
                 # FSDP2 resharded the layer after its forward: the graph used the unsharded
                 # copy, whose accumulator cannot be found from here (unknown: commit).
                 return None
-            found = _accumulator_below(node, p)
-            if found is not None:
-                return found
-            try:  # used further down than the search goes
-                return get_gradient_edge(p).node
-            except RuntimeError:
-                return None
+            return p
     return None
+
+
+def _gradient_accumulator(module: nn.Module, node):
+    """The autograd node that accumulates the gradient of ``_accumulated_parameter`` (as used by
+    this forward), or None when there is none to ask. ``node`` is the grad_fn of the layer's
+    output: a leaf parameter's accumulator is found a few edges below it, which costs far less
+    than ``get_gradient_edge`` (a differentiable view per call)."""
+    p = _accumulated_parameter(module)
+    if p is None:
+        return None
+    found = _accumulator_below(node, p)
+    if found is not None:
+        return found
+    try:  # used further down than the search goes
+        return get_gradient_edge(p).node
+    except RuntimeError:
+        return None
 
 
 _AccumulateGrad = torch._C._functions.AccumulateGrad

@@ -210,6 +210,16 @@ def native_available(device_type: str = "cpu") -> bool:
     return False
 
 
+def native_function(name: str):
+    """The function ``name`` of ``adafisher._C`` when it loaded and has it (an older build may
+    not), else None."""
+    if _NATIVE_ERROR is not None:
+        return None
+    from . import _C  # noqa: PLC0415
+
+    return getattr(_C, name, None)
+
+
 def native_unavailable_reason() -> str | None:
     """Why ``adafisher._C`` did not load (None when it did)."""
     return _NATIVE_ERROR

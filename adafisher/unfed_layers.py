@@ -50,6 +50,8 @@ class UnfedLayerCheck:
         if counts.device.type == "meta":  # shapes only: no counts to read
             return
         if counts.device.type != "cuda":
+            if not bool(counts.any()):
+                return  # no layer got statistics (the flag can be set by a pass not committed)
             self._report(buffers, (counts == 0).nonzero().flatten().tolist(), layers_with_grads,
                          without_samples)
             return

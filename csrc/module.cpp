@@ -4,6 +4,7 @@
 //   cpu_isa() -> "baseline" | "avx2"        the active one (the best the CPU supports at import)
 //   cpu_isas() -> tuple of names             the ones this CPU and build support
 //   set_cpu_isa(name) -> previous name       force one (tests and benchmarks; restore it after)
+// register_commit_hook(...) (commit_hooks.cpp) commits a layer's pass from a C++ autograd hook,
 // and how the kernels' at::parallel_for runs: WITH_OPENMP (built with OpenMP; without it,
 // ATen's parallel_for runs inline on one thread) and parallel_threads() (threads one region
 // runs on now).
@@ -16,7 +17,8 @@
 #endif
 
 namespace adafisher {
-int parallel_region_threads();  // cpu_kernels.cpp
+int parallel_region_threads();                          // cpu_kernels.cpp
+PyObject* register_commit_hook(PyObject*, PyObject*);  // commit_hooks.cpp
 }
 
 static PyObject* parallel_threads(PyObject*, PyObject*) {
@@ -58,6 +60,8 @@ static PyMethodDef adafisher_methods[] = {
     {"parallel_threads", parallel_threads, METH_NOARGS,
      "The threads one at::parallel_for of these kernels runs on now (1 when built without "
      "OpenMP)."},
+    {"register_commit_hook", adafisher::register_commit_hook, METH_VARARGS,
+     "Commit a layer's pass from a C++ autograd hook (see csrc/commit_hooks.cpp)."},
     {"cpu_isa", cpu_isa, METH_NOARGS, "The ISA of the CPU statistics leaves in use."},
     {"cpu_isas", cpu_isas, METH_NOARGS, "The ISAs this CPU and build support."},
     {"set_cpu_isa", set_cpu_isa, METH_VARARGS,

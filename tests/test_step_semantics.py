@@ -194,7 +194,7 @@ def test_unfed_layer_warning_on_cuda_comes_from_an_asynchronous_copy():
 
 
 # ------------------------------------------------- input-only gradient passes (issue 9.2)
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "native"])
 @pytest.mark.parametrize("probe", ["autograd_grad", "backward_inputs"])
 def test_input_gradient_passes_commit_no_statistics(backend, probe):
     """An FGSM / saliency pass before the training backward adds nothing: the factors equal a

@@ -1,7 +1,8 @@
 """The few verbs every backend implements on the flat buffers (see ``factors.py``).
 
 Data flows one way: layer hooks call ``input_statistic`` (forward) and ``commit_pass``
-(backward, adding the pass's Ĥ and Ŝ into the pending buffer); ``step()`` calls
+(backward, adding the pass's Ĥ and Ŝ into the pending buffer), or hand both to
+``hook_commit`` where a backend commits from native autograd hooks; ``step()`` calls
 ``update_factors`` (normalize + blend, once) and then ``step`` per parameter group.
 """
 
@@ -47,6 +48,15 @@ class Backend(Protocol):
         self, module: nn.Module, output: torch.Tensor, x: torch.Tensor
     ) -> torch.Tensor | None:
         """BatchNorm's Ĥ from the batch mean its autograd node saved, or None if there is none."""
+
+    def hook_commit(self, buffers: FactorBuffers, slot: LayerSlot, module: nn.Module,
+                    x: torch.Tensor, output: torch.Tensor, batch: int,
+                    param: torch.Tensor | None, from_norm_node: bool) -> bool:
+        """The forward hook's fast path: take Ĥ of this pass from ``x`` and have autograd commit
+        the pass natively when the gradient of ``output`` arrives (``from_norm_node``: Ŝ from
+        the bias gradient of the norm node that produced ``output``), provided the backward
+        accumulates into ``param`` (None: unknown, commit). False: not done, the Python hooks
+        take the pass (``input_statistic`` now, ``commit_pass`` in the backward)."""
 
     def commit_pass(
         self,

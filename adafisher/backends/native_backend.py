@@ -36,6 +36,8 @@ class NativeBackend(TorchBackend):
         # (buffers, layer count, its segment offsets on its device), rebuilt only when layers
         # are added. A list searched by identity: FactorBuffers is unhashable.
         self._segment_offsets: list[tuple[FactorBuffers, int, torch.Tensor]] = []
+        # The C++ hook that commits a pass without Python in the backward (csrc/commit_hooks.cpp)
+        self._register_commit_hook = ops.native_function("register_commit_hook")
 
     @classmethod
     def create(cls, devices: Iterable[torch.device]) -> NativeBackend:
@@ -83,6 +85,23 @@ class NativeBackend(TorchBackend):
         if not x.is_cpu:
             return super().batchnorm_input_statistic(module, output, x)
         return native_statistics.batchnorm_input_statistic(output, x)
+
+    def hook_commit(self, buffers: FactorBuffers, slot: LayerSlot, module: nn.Module,
+                    x: torch.Tensor, output: torch.Tensor, batch: int,
+                    param: torch.Tensor | None, from_norm_node: bool) -> bool:
+        if self._register_commit_hook is None or buffers.device.type != "cpu" or not (
+                x.is_cpu and output.is_cpu):
+            return False
+        source = None
+        if slot.kind is LayerKind.BATCHNORM:  # Ĥ from the saved batch mean, formed at commit
+            source = native_statistics.batchnorm_input_source(output, x)
+        h_hat = None if source is not None else self.input_statistic(slot.kind, module, x)
+        if not native_statistics.register_commit_hook(
+                self._register_commit_hook, buffers, slot, module, output, batch, param,
+                from_norm_node, h_hat, source):
+            return False
+        buffers.has_pending = True  # a pass may commit (the unfed check reads the counts)
+        return True
 
     def commit_pass(
         self,

@@ -119,6 +119,11 @@ class TritonBackend:
             return autograd_statistics.batchnorm_input_statistic(output, x)
         return self._stats.batchnorm_input_statistic(module, output, x, self._scratch)
 
+    def hook_commit(self, buffers: FactorBuffers, slot: LayerSlot, module: nn.Module,
+                    x: torch.Tensor, output: torch.Tensor, batch: int,
+                    param: torch.Tensor | None, from_norm_node: bool) -> bool:
+        return False  # the Python hooks commit (commit_pass)
+
     def commit_pass(
         self,
         buffers: FactorBuffers,
