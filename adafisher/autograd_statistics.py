@@ -30,9 +30,10 @@ def bias_gradient_node(module: nn.Module, output: torch.Tensor):
     node = output.grad_fn
     if bias is None or not bias.requires_grad or node is None:
         return None
-    if type(node).__name__ not in _NORM_NODES or len(node.next_functions) <= _BIAS_INPUT:
+    if type(node).__name__ not in _NORM_NODES:
         return None
-    if node.next_functions[_BIAS_INPUT][0] is None:
+    edges = node.next_functions  # built on every access: read once
+    if len(edges) <= _BIAS_INPUT or edges[_BIAS_INPUT][0] is None:
         return None
     return node
 

@@ -238,3 +238,17 @@ def test_compiled_autograd_gets_the_python_hooks_or_a_clear_error():
     with pytest.raises(NotImplementedError, match="cannot run under compiled autograd"):
         with compiled_autograd._enable(torch.compile(backend="eager")):
             loss.backward()
+
+
+def test_compiled_autograd_configured_before_the_forward_gets_the_python_hooks(monkeypatch):
+    dynamo = pytest.importorskip("torch._dynamo")
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    opt = AdaFisher(model, factor_interval=1)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("native hooks registered while compiled autograd is configured")
+
+    monkeypatch.setattr(opt._backend, "hook_commit", refuse)
+    with dynamo.config.patch(compiled_autograd=True):
+        model(torch.randn(5, 3)).sum().backward()
+    assert next(iter(opt._buffers.values())).pending_count.tolist() == [1.0, 1.0]
