@@ -252,3 +252,22 @@ def test_compiled_autograd_configured_before_the_forward_gets_the_python_hooks(m
     with dynamo.config.patch(compiled_autograd=True):
         model(torch.randn(5, 3)).sum().backward()
     assert next(iter(opt._buffers.values())).pending_count.tolist() == [1.0, 1.0]
+
+
+def test_native_hooks_under_autocast_commit_the_python_hooks_bits():
+    """bf16 activations and gradients from a CPU autocast forward: the same fp32 sums."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(36, 5), nn.LayerNorm(5))
+    twin = copy.deepcopy(model)
+    fast = AdaFisher(model, factor_interval=1, backend="native")
+    slow = AdaFisher(twin, factor_interval=1, backend="native")
+    slow._backend._register_commit_hook = None
+    x = torch.randn(2, 3, 5, 5)
+    for net in (model, twin):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = net(x).float().square().sum()
+        loss.backward()
+    ours, theirs = next(iter(fast._buffers.values())), next(iter(slow._buffers.values()))
+    assert ours.pending_count.tolist() == [1.0, 1.0, 1.0, 1.0]
+    assert torch.equal(ours.pending, theirs.pending)

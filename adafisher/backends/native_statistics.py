@@ -112,9 +112,9 @@ def register_commit_hook(register, buffers: FactorBuffers, slot: LayerSlot, modu
     False: not hooked (``output`` has no grad_fn)."""
     source = (None, 0.0, 0.0) if h_source is None else h_source
     start, end, sum_then_square, scale = commit_arguments(slot.kind, module, output, batch)
-    return register(output, from_norm_node, buffers.pending, buffers.pending_count, h_hat, *source,
-             slot.index, slot.h_offset, slot.s_offset, start, end, sum_then_square, scale,
-             slot.s_len, param)
+    return register(output, from_norm_node, buffers.pending, buffers.pending_count, h_hat,
+                    *source, slot.index, slot.h_offset, slot.s_offset, start, end,
+                    sum_then_square, scale, slot.s_len, param)
 
 
 def commit_pass(buffers: FactorBuffers, slot: LayerSlot, module: nn.Module, h_hat: torch.Tensor,
