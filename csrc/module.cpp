@@ -4,10 +4,10 @@
 //   cpu_isa() -> "baseline" | "avx2"        the active one (the best the CPU supports at import)
 //   cpu_isas() -> tuple of names             the ones this CPU and build support
 //   set_cpu_isa(name) -> previous name       force one (tests and benchmarks; restore it after)
-// register_commit_hook(...) (commit_hooks.cpp) commits a layer's pass from a C++ autograd hook,
-// and how the kernels' at::parallel_for runs: WITH_OPENMP (built with OpenMP; without it,
-// ATen's parallel_for runs inline on one thread) and parallel_threads() (threads one region
-// runs on now).
+// how the kernels' at::parallel_for runs: WITH_OPENMP (built with OpenMP; without it, ATen's
+// parallel_for runs inline on one thread) and parallel_threads() (threads one region runs on
+// now); and register_commit_hook(...) (commit_hooks.cpp), which commits a layer's pass from a
+// C++ autograd hook (called by adafisher/backends/native_statistics.py).
 #include <Python.h>
 
 #include "cpu_leaves.h"
