@@ -196,13 +196,14 @@ class StatisticsCollector:
         is_norm = kind is LayerKind.BATCHNORM or kind is LayerKind.LAYERNORM
         batch = batch_size(kind, x)
         norm_node = autograd_statistics.bias_gradient_node(module, output) if is_norm else None
+        param = _accumulated_parameter(module)
         if not self._compiled_autograd_on() and _without_autocast_or_grad(
             x.device, self.backend.hook_commit, layer.buffers, layer.slot, module, x, output,
-            batch, _accumulated_parameter(module), norm_node is not None,
+            batch, param, norm_node is not None,
         ):
             return  # the backend's native autograd hook commits the pass
         h_hat = _without_autocast_or_grad(x.device, self._input_statistic, kind, module, x, output)
-        accumulator = _gradient_accumulator(module, output.grad_fn)
+        accumulator = _accumulator_of(param, output.grad_fn)
         if norm_node is not None:  # Ŝ from the bias gradient the norm's backward computes anyway
             norm_node.register_hook(
                 functools.partial(self._on_norm_node, layer, module, h_hat, batch, accumulator)
@@ -275,7 +276,11 @@ def _gradient_accumulator(module: nn.Module, node):
     this forward), or None when there is none to ask. ``node`` is the grad_fn of the layer's
     output: a leaf parameter's accumulator is found a few edges below it, which costs far less
     than ``get_gradient_edge`` (a differentiable view per call)."""
-    p = _accumulated_parameter(module)
+    return _accumulator_of(_accumulated_parameter(module), node)
+
+
+def _accumulator_of(p: torch.Tensor | None, node):
+    """``_gradient_accumulator`` for the parameter ``_accumulated_parameter`` chose."""
     if p is None:
         return None
     found = _accumulator_below(node, p)
